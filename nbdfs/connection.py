@@ -1,0 +1,366 @@
+"""The trio shell around the sans-IO handshake and transmission machines.
+
+One :class:`Connection` is one NBD session in the transmission phase. Many requests may be
+in flight at once; they are matched to replies by cookie in :class:`Transmission`, and one
+reader task (:meth:`Connection.run_reader`) feeds it bytes and wakes each waiting caller.
+A connection that failed a send or a read is *broken*: every waiter gets
+:class:`ConnectionLost` (or the :class:`ProtocolError` that broke it) and it is never used
+again.
+
+Invariants that depend on where an ``await`` falls:
+
+* a request is registered with the core and its header sent under one lock, so requests
+  go out whole and in cookie order;
+* a caller cancelled while sending breaks the connection (a half-sent request leaves the
+  stream out of step); a caller cancelled while *waiting* does not: the reply still arrives
+  and is dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import trio
+
+from .errors import (
+    CommandError,
+    ConnectError,
+    ConnectionLost,
+    NbdError,
+    ProtocolError,
+    TlsError,
+)
+from .handshake import Action, Handshake, Listing, Receive, Send, Session, StartTls
+from .target import Target
+from .tls import TlsConfig, describe_ssl_error
+from .transmission import Reply, Transmission
+from .wire import Cmd, CmdFlag, Errno
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# How much one receive asks the kernel for: large enough that a 1 MiB read needs few wakeups.
+_RECEIVE_SIZE = 1 << 18
+
+
+async def open_stream(target: Target) -> trio.abc.HalfCloseableStream:
+    """Connect a TCP or Unix socket to the server.
+
+    Raises:
+        ConnectError: nothing is listening, the name does not resolve, and so on.
+    """
+    where = target.describe()
+    try:
+        if target.socket is not None:
+            return await trio.open_unix_socket(target.socket)
+        assert target.host is not None
+        stream = await trio.open_tcp_stream(target.host, target.port)
+    except OSError as exc:
+        code = exc.errno
+        group = exc.__cause__
+        if code is None and isinstance(group, BaseExceptionGroup):  # trio's happy eyeballs
+            inner = [e for e in group.exceptions if isinstance(e, OSError)]
+            code = inner[0].errno if inner else None
+        if code == errno.ECONNREFUSED:
+            raise ConnectError(f"connection refused by {where}: is an NBD server listening there?") from None
+        if code == errno.ENOENT:
+            raise ConnectError(f"no socket at {target.socket}: is the NBD server running?") from None
+        if isinstance(exc, socket.gaierror):
+            raise ConnectError(f"cannot resolve host {target.host!r}: {exc.strerror}") from None
+        reason = (exc.strerror or str(exc)) if code is None else errno.errorcode.get(code, str(code))
+        raise ConnectError(f"cannot connect to {where}: {reason}") from None
+    _tune_socket(stream.socket)
+    return stream
+
+
+def _tune_socket(sock: trio.socket.SocketType) -> None:
+    """Keepalive and a user timeout, so a peer that vanished is noticed within minutes."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:  # pragma: no cover - not every platform has all of these
+        pass
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    """Read exactly ``size`` bytes (fewer only at end of stream), never more."""
+    parts = []
+    remaining = size
+    while remaining:
+        chunk = await stream.receive_some(remaining)
+        if not chunk:
+            break
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(parts)
+
+
+async def drive(
+    stream: trio.abc.Stream, steps: Generator[Action, bytes | None, T], tls: TlsConfig, target: Target
+) -> tuple[trio.abc.Stream, T]:
+    """Run a sans-IO handshake generator against ``stream``; return the (maybe TLS) stream."""
+    value: bytes | None = None
+    while True:
+        try:
+            action = steps.send(value)
+        except StopIteration as stop:
+            return stream, stop.value
+        value = None
+        if isinstance(action, Send):
+            await stream.send_all(action.data)
+        elif isinstance(action, Receive):
+            value = await _receive_exactly(stream, action.size)
+        else:
+            assert isinstance(action, StartTls)
+            stream = await _start_tls(stream, tls, target)
+
+
+async def _start_tls(stream: trio.abc.Stream, tls: TlsConfig, target: Target) -> trio.SSLStream[trio.abc.Stream]:
+    server_name = tls.hostname or target.tls_server_name
+    if server_name is None and tls.verify_peer:
+        raise TlsError(
+            "no host name to check the server's certificate against (a Unix socket):"
+            " add ?tls-hostname=NAME to the URI"
+        )
+    ssl_stream = trio.SSLStream(stream, tls.context(), server_hostname=server_name)
+    try:
+        await ssl_stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLError):
+            raise TlsError(describe_ssl_error(cause)) from None
+        raise TlsError("server closed the connection during the TLS handshake") from None
+    version = ssl_stream.version()  # type: ignore[attr-defined]
+    log.info("TLS handshake with %s done (%s)", target.describe(), version)
+    return ssl_stream
+
+
+async def _handshake(
+    target: Target, tls: TlsConfig, make_steps: Callable[[Handshake], Generator[Action, bytes | None, T]]
+) -> tuple[trio.abc.Stream, T]:
+    stream: trio.abc.Stream = await open_stream(target)
+    try:
+        return await drive(stream, make_steps(Handshake(tls.mode)), tls, target)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(stream)
+        raise ConnectError(f"connection to {target.describe()} broke during the handshake: {exc}") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def list_exports(target: Target, tls: TlsConfig, name: str | None = None) -> Listing:
+    """Connect, list every export (or just ``name``) with details, and disconnect politely.
+
+    nbd-server (3.24 at least) answers NBD_OPT_INFO with size 0 for every export, and its
+    NBD_OPT_GO with the true size; so an export listed as empty is asked again with GO on a
+    connection of its own, which costs one connection only for such exports.
+    """
+    stream, listing = await _handshake(target, tls, lambda hs: hs.list(name))
+    await _close_quietly(stream)
+    exports = []
+    for export in listing.exports:
+        if export.size == 0:
+            session = await probe_export(target, tls, export.name)
+            export = replace(session.export, description=session.export.description or export.description)
+        exports.append(export)
+    return replace(listing, exports=exports)
+
+
+async def probe_export(target: Target, tls: TlsConfig, name: str) -> Session:
+    """Enter transmission on ``name`` to learn what GO says, then disconnect at once."""
+    stream, session = await _handshake(target, tls, lambda hs: hs.go(name))
+    try:
+        await stream.send_all(Transmission(session).disconnect())
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    await _close_quietly(stream)
+    return session
+
+
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    with trio.move_on_after(5) as scope:
+        scope.shield = True
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+@dataclass(slots=True)
+class _Waiter:
+    event: trio.Event
+    reply: Reply | None = None
+    error: NbdError | None = None
+
+
+class Connection:
+    """One NBD session in the transmission phase. Start :meth:`run_reader` in a nursery."""
+
+    def __init__(self, stream: trio.abc.Stream, session: Session, target: Target) -> None:
+        self.session = session
+        self.export = session.export
+        self.target = target
+        self.core = Transmission(session)
+        self._stream = stream
+        self._send_lock = trio.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self.broken: NbdError | None = None
+        self.draining = False  # server said ESHUTDOWN: no new requests, then disconnect
+        self._reader_done = trio.Event()
+
+    @classmethod
+    async def open(cls, target: Target, export: str, tls: TlsConfig, nursery: trio.Nursery) -> Connection:
+        """Connect and negotiate ``export``; its reader task runs in ``nursery``."""
+        stream, session = await _handshake(target, tls, lambda hs: hs.go(export))
+        conn = cls(stream, session, target)
+        nursery.start_soon(conn.run_reader)
+        log.info(
+            "connected to export %r on %s (%d bytes%s)",
+            export,
+            target.describe(),
+            session.export.size or 0,
+            ", TLS" if session.tls else "",
+        )
+        return conn
+
+    @property
+    def usable(self) -> bool:
+        return self.broken is None and not self.draining and not self.core.closed
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiters)
+
+    async def run_reader(self) -> None:
+        """Read replies until the stream ends; wake each waiter with its reply."""
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    if self.core.closed and not self._waiters:
+                        return
+                    raise ConnectionLost(f"connection to {self.target.describe()} broke: {exc}") from None
+                if not data:
+                    if self.core.closed and not self._waiters and not self.core.pending_bytes():
+                        return
+                    raise ConnectionLost(f"server {self.target.describe()} closed the connection")
+                self.core.receive_data(data)
+                while (reply := self.core.next_event()) is not None:
+                    waiter = self._waiters.pop(reply.cookie, None)
+                    if reply.error == Errno.ESHUTDOWN and not self.draining:
+                        log.info("server %s is shutting down; disconnecting", self.target.describe())
+                        self.draining = True
+                    if waiter is not None:
+                        waiter.reply = reply
+                        waiter.event.set()
+        except NbdError as exc:
+            if isinstance(exc, ProtocolError):
+                log.warning("protocol error from %s: %s; dropping the connection", self.target.describe(), exc)
+            self._break(exc)
+        finally:
+            self._reader_done.set()
+
+    def _break(self, exc: NbdError) -> None:
+        if self.broken is None:
+            self.broken = exc
+        for waiter in self._waiters.values():
+            waiter.error = exc
+            waiter.event.set()
+        self._waiters.clear()
+        stream = self._stream
+        # Closing is synchronous for plain sockets; TLS needs an await we may not have here.
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
+
+    async def request(
+        self,
+        cmd: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        flags: CmdFlag = CmdFlag(0),
+        data: bytes | bytearray | memoryview | None = None,
+    ) -> Reply:
+        """Send one request and wait for its reply; raise :class:`CommandError` on an error."""
+        if self.broken is not None:
+            raise self.broken
+        if self.draining:
+            raise ConnectionLost("server is shutting down")
+        waiter = _Waiter(trio.Event())
+        async with self._send_lock:
+            cookie, header = self.core.request(cmd, offset, length, flags, data)
+            self._waiters[cookie] = waiter
+            try:
+                if data is not None and len(data) <= 1 << 16:
+                    await self._stream.send_all(header + bytes(data))
+                else:
+                    await self._stream.send_all(header)
+                    if data is not None:
+                        await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._break(ConnectionLost(f"sending to {self.target.describe()} failed: {exc}"))
+                raise self.broken from None  # type: ignore[misc]
+            except trio.Cancelled:
+                self._break(ConnectionLost("a request was cancelled half-sent"))
+                raise
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.reply is not None
+        if waiter.reply.error:
+            raise CommandError(waiter.reply.error, waiter.reply.message)
+        return waiter.reply
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        reply = await self.request(Cmd.READ, offset, length)
+        assert reply.data is not None
+        return reply.data
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        await self.request(Cmd.WRITE, offset, len(data), CmdFlag.FUA if fua else CmdFlag(0), data)
+
+    async def flush(self) -> None:
+        await self.request(Cmd.FLUSH)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.request(Cmd.TRIM, offset, length, CmdFlag.FUA if fua else CmdFlag(0))
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool = False, no_hole: bool = False) -> None:
+        flags = (CmdFlag.FUA if fua else CmdFlag(0)) | (CmdFlag.NO_HOLE if no_hole else CmdFlag(0))
+        await self.request(Cmd.WRITE_ZEROES, offset, length, flags)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.request(Cmd.CACHE, offset, length)
+
+    async def block_status(self, offset: int, length: int) -> dict[str, list[tuple[int, int]]]:
+        reply = await self.request(Cmd.BLOCK_STATUS, offset, length)
+        assert reply.extents is not None
+        return reply.extents
+
+    async def aclose(self, grace: float = 10.0) -> None:
+        """Soft disconnect: wait (briefly) for requests in flight, send NBD_CMD_DISC, close."""
+        with trio.move_on_after(grace) as scope:
+            scope.shield = True
+            if self.broken is None and not self.core.closed:
+                while self._waiters and self.broken is None:
+                    await trio.sleep(0.01)
+                try:
+                    async with self._send_lock:
+                        await self._stream.send_all(self.core.disconnect())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            self.core.closed = True
+        await _close_quietly(self._stream)
+        self._break(ConnectionLost("connection closed"))
+        with trio.move_on_after(1):
+            await self._reader_done.wait()
+

@@ -1,0 +1,87 @@
+"""TLS settings and the client ``ssl.SSLContext`` built from them.
+
+The certificate directory has the layout nbdkit, qemu and libnbd use: ``ca-cert.pem`` (the
+CA that signed the server), and optionally ``client-cert.pem`` + ``client-key.pem`` for
+servers that demand a client certificate. Without a directory the system trust store is
+used. TLS 1.2 is the minimum ("TLS versions").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from dataclasses import dataclass, field
+
+from .errors import TlsError
+from .handshake import TlsMode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TlsConfig:
+    mode: TlsMode = TlsMode.DISABLE
+    certificates: str | None = None
+    verify_peer: bool = True
+    hostname: str | None = None  # the name the certificate must carry
+    _context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    def context(self) -> ssl.SSLContext:
+        """The client context, built once and shared so TLS sessions can be reused."""
+        if self._context is None:
+            self._context = client_context(self.certificates, self.verify_peer)
+        return self._context
+
+
+def client_context(certificates: str | None, verify_peer: bool) -> ssl.SSLContext:
+    """Build a client context from a certificate directory (or the system trust store).
+
+    Raises:
+        TlsError: the directory or its files cannot be used.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if certificates is not None:
+            if not os.path.isdir(certificates):
+                raise TlsError(f"TLS certificate directory {certificates!r} does not exist")
+            ca = os.path.join(certificates, "ca-cert.pem")
+            if os.path.exists(ca):
+                ctx.load_verify_locations(ca)
+            elif verify_peer:
+                raise TlsError(
+                    f"{ca} is missing: put the CA that signed the server's certificate there"
+                    " (nbdfs tls-init DIR makes one), or use --no-tls-verify-peer for a test"
+                )
+            cert = os.path.join(certificates, "client-cert.pem")
+            key = os.path.join(certificates, "client-key.pem")
+            if os.path.exists(cert) and os.path.exists(key):
+                ctx.load_cert_chain(cert, key)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load TLS files from {certificates!r}: {exc}") from None
+    if not verify_peer:
+        log.warning("NOT verifying the server's TLS certificate: anyone can impersonate it")
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def describe_ssl_error(exc: BaseException) -> str:
+    """A one-line explanation of a failed TLS handshake, with what to do next."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or str(exc)
+        hint = {
+            "certificate has expired": "renew the server's certificate",
+            "self-signed certificate": "pass the CA with --tls-certificates DIR",
+            "unable to get local issuer certificate": "pass the CA that signed it with --tls-certificates DIR",
+        }.get(reason, "")
+        if "Hostname mismatch" in reason or "IP address mismatch" in reason:
+            hint = "connect by a name the certificate lists, or set tls-hostname"
+        return f"server's TLS certificate is not trusted: {reason}" + (f"; {hint}" if hint else "")
+    text = str(exc)
+    if "CERTIFICATE_REQUIRED" in text or "certificate required" in text:
+        return "server demands a client certificate: put client-cert.pem and client-key.pem in the --tls-certificates DIR"
+    return f"TLS handshake failed: {text}"

@@ -1,0 +1,384 @@
+"""Sans-IO transmission phase: request encoder, reply parser, cookie bookkeeping.
+
+Theory of operation
+-------------------
+:class:`Transmission` is fed the server's bytes (:meth:`~Transmission.receive_data`) and
+yields one :class:`Reply` per finished request (:meth:`~Transmission.next_event`), in the
+order the server finished them. It knows every request in flight by cookie, so it can check
+every reply before it is used:
+
+* magic, cookie, reply kind (simple or structured, as negotiated) and chunk type;
+* every length *before* its payload is buffered (bounded memory: the largest thing ever
+  buffered is one chunk whose size the request itself bounds);
+* content chunks lie inside their request and never overlap; a successful read is fully
+  covered; block-status chunks name a negotiated context, one per context.
+
+Any violation raises :class:`~nbdfs.errors.ProtocolError`, after which the stream is out
+of step and the connection must be dropped. Requests are checked against what the export
+advertised (:class:`~nbdfs.errors.LocalProtocolError`): we never send a command or flag the
+server did not offer, never cross the export's end, and honour its block sizes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from . import wire
+from .errors import LocalProtocolError, ProtocolError
+from .handshake import Session
+from .wire import Cmd, CmdFlag, ReplyType, TransmissionFlag
+
+# Commands that carry an offset and length and so obey the export's size and alignment.
+_RANGED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS})
+_NEEDS_WRITABLE = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_NEEDS_FLAG = {
+    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TransmissionFlag.SEND_CACHE,
+}
+_FLAG_NEEDS = {
+    CmdFlag.FUA: TransmissionFlag.SEND_FUA,
+    CmdFlag.DF: TransmissionFlag.SEND_DF,
+    CmdFlag.FAST_ZERO: TransmissionFlag.SEND_FAST_ZERO,
+}
+_FLAG_COMMANDS = {
+    CmdFlag.FUA: frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES}),
+    CmdFlag.NO_HOLE: frozenset({Cmd.WRITE_ZEROES}),
+    CmdFlag.DF: frozenset({Cmd.READ}),
+    CmdFlag.REQ_ONE: frozenset({Cmd.BLOCK_STATUS}),
+    CmdFlag.FAST_ZERO: frozenset({Cmd.WRITE_ZEROES}),
+}
+# Error chunks carry a string (at most 4096 bytes) and maybe an offset; an unknown error
+# chunk type may carry a little more, but nothing that needs more than this.
+_MAX_ERROR_CHUNK = wire.ERROR_HEAD.size + wire.MAX_STRING + 64
+# A hostile server could describe a read in one-byte chunks; this bounds the bookkeeping.
+_MAX_CHUNKS_SLACK = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of one request.
+
+    ``error`` is 0 on success, else an NBD error value (see :func:`nbdfs.errors.to_errno`).
+    ``data`` is the bytes read (for READ); ``extents`` maps a metadata context name to its
+    ``(length, flags)`` descriptors (for BLOCK_STATUS).
+    """
+
+    cookie: int
+    error: int = 0
+    message: str = ""
+    data: bytearray | None = None
+    extents: dict[str, list[tuple[int, int]]] | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    cmd: Cmd
+    flags: CmdFlag
+    offset: int
+    length: int
+    buf: bytearray | None = None
+    starts: list[int] = field(default_factory=list)  # sorted starts of content chunks
+    ends: list[int] = field(default_factory=list)  # their ends, same order
+    covered: int = 0
+    structured: bool = False  # saw a structured chunk (a simple reply is then invalid)
+    error: int = 0
+    message: str = ""
+    extents: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+
+class Transmission:
+    """The client side of one connection's transmission phase."""
+
+    def __init__(self, session: Session) -> None:
+        export = session.export
+        assert export.size is not None
+        self.size = export.size
+        self.flags = export.flags
+        self.structured = session.structured_replies
+        self._contexts = {ctx_id: name for name, ctx_id in session.meta_contexts.items()}
+        block = export.block_size
+        self.minimum = block.minimum if block and session.block_size_requested else 1
+        self.maximum = min(block.maximum, wire.DEFAULT_MAX_PAYLOAD) if block else wire.DEFAULT_MAX_PAYLOAD
+        self.preferred = block.preferred if block else wire.DEFAULT_PREFERRED_BLOCK
+        self._pending: dict[int, _Pending] = {}
+        self._next_cookie = 1
+        self._buf = bytearray()
+        self._pos = 0
+        self._head: tuple[int, int, int, int, int] | None = None  # parsed header awaiting payload
+        self.closed = False
+
+    # -- requests ----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def can(self, cmd: Cmd) -> bool:
+        """Whether the export allows ``cmd`` at all."""
+        if cmd in _NEEDS_WRITABLE and self.flags & TransmissionFlag.READ_ONLY:
+            return False
+        if cmd == Cmd.BLOCK_STATUS:
+            return bool(self._contexts)
+        needed = _NEEDS_FLAG.get(cmd)
+        return needed is None or bool(self.flags & needed)
+
+    def request(
+        self,
+        cmd: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        flags: CmdFlag = CmdFlag(0),
+        data: bytes | bytearray | memoryview | None = None,
+    ) -> tuple[int, bytes]:
+        """Encode one request; return its cookie and the header to send (before ``data``).
+
+        Raises:
+            LocalProtocolError: the export does not allow this request.
+        """
+        if self.closed:
+            raise LocalProtocolError("connection is disconnecting; no more requests")
+        if not self.can(cmd):
+            raise LocalProtocolError(f"export does not allow NBD_CMD_{cmd.name}")
+        for flag, needed in _FLAG_NEEDS.items():
+            if flags & flag and not self.flags & needed:
+                raise LocalProtocolError(f"export does not allow NBD_CMD_FLAG_{flag.name}")
+        for flag, commands in _FLAG_COMMANDS.items():
+            if flags & flag and cmd not in commands:
+                raise LocalProtocolError(f"NBD_CMD_FLAG_{flag.name} is not valid on {cmd.name}")
+        if cmd in _RANGED:
+            if offset < 0 or length <= 0 or offset + length > self.size:
+                raise LocalProtocolError(
+                    f"{cmd.name} of {length} bytes at {offset} is outside the export (size {self.size})"
+                )
+            if offset % self.minimum or length % self.minimum:
+                raise LocalProtocolError(
+                    f"{cmd.name} at {offset}+{length} is not aligned to the minimum block {self.minimum}"
+                )
+            if cmd in (Cmd.READ, Cmd.WRITE) and length > self.maximum:
+                raise LocalProtocolError(f"{cmd.name} of {length} bytes exceeds the maximum payload {self.maximum}")
+        elif offset or length:
+            raise LocalProtocolError(f"NBD_CMD_{cmd.name} takes no offset or length")
+        if cmd == Cmd.WRITE:
+            if data is None or len(data) != length:
+                raise LocalProtocolError("WRITE payload does not match its length")
+        elif data is not None:
+            raise LocalProtocolError(f"NBD_CMD_{cmd.name} takes no payload")
+        cookie = self._next_cookie
+        self._next_cookie = (cookie + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        if cookie in self._pending:  # after 2^64 requests; keep it correct anyway
+            raise LocalProtocolError("cookie space exhausted")
+        pending = _Pending(cmd, flags, offset, length)
+        if cmd == Cmd.READ:
+            pending.buf = bytearray(length)
+        self._pending[cookie] = pending
+        return cookie, wire.REQUEST.pack(wire.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+    def disconnect(self) -> bytes:
+        """Encode NBD_CMD_DISC; no request may follow, and it gets no reply."""
+        self.closed = True
+        return wire.REQUEST.pack(wire.REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 1 << 20 and self._pos > len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def pending_bytes(self) -> int:
+        """How many received bytes are not yet parsed (for tests and truncation checks)."""
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> Reply | None:
+        """Return the next finished request's reply, or ``None`` if more bytes are needed."""
+        while True:
+            if self._head is None:
+                if not self._parse_header():
+                    return None
+            assert self._head is not None
+            kind, flags, rtype, cookie, length = self._head
+            if self.pending_bytes() < length:
+                return None
+            payload = memoryview(self._buf)[self._pos : self._pos + length]
+            try:
+                self._head = None
+                reply = self._apply(kind, flags, rtype, cookie, payload)
+            finally:
+                payload.release()
+                self._pos += length
+            if reply is not None:
+                return reply
+
+    def _parse_header(self) -> bool:
+        avail = self.pending_bytes()
+        if avail < 4:
+            return False
+        (magic,) = wire.U32.unpack_from(self._buf, self._pos)
+        if magic == wire.SIMPLE_REPLY_MAGIC:
+            if avail < wire.SIMPLE_REPLY.size:
+                return False
+            _, error, cookie = wire.SIMPLE_REPLY.unpack_from(self._buf, self._pos)
+            self._pos += wire.SIMPLE_REPLY.size
+            pending = self._lookup(cookie)
+            if pending.structured:
+                raise ProtocolError(f"server mixed a simple reply into structured reply {cookie}")
+            length = 0
+            if pending.cmd == Cmd.READ:
+                if self.structured:
+                    raise ProtocolError("server sent a simple reply to READ after structured replies")
+                length = 0 if error else pending.length
+            elif pending.cmd == Cmd.BLOCK_STATUS and not error:
+                raise ProtocolError("server answered BLOCK_STATUS with a simple reply")
+            self._head = (0, error, 0, cookie, length)
+            return True
+        if magic == wire.STRUCTURED_REPLY_MAGIC:
+            if avail < wire.STRUCTURED_REPLY.size:
+                return False
+            _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(self._buf, self._pos)
+            self._pos += wire.STRUCTURED_REPLY.size
+            if not self.structured:
+                raise ProtocolError("server sent a structured reply that was not negotiated")
+            pending = self._lookup(cookie)
+            self._check_chunk_length(pending, rtype, length, flags)
+            self._head = (1, flags, rtype, cookie, length)
+            return True
+        raise ProtocolError(f"server sent a reply with bad magic {magic:#010x}")
+
+    def _lookup(self, cookie: int) -> _Pending:
+        pending = self._pending.get(cookie)
+        if pending is None:
+            raise ProtocolError(f"server replied to cookie {cookie}, which is not in flight")
+        return pending
+
+    def _check_chunk_length(self, p: _Pending, rtype: int, length: int, flags: int) -> None:
+        name = _type_name(rtype)
+        if rtype == ReplyType.NONE:
+            ok = length == 0 and bool(flags & wire.REPLY_FLAG_DONE)
+        elif rtype == ReplyType.OFFSET_DATA:
+            ok = p.cmd == Cmd.READ and 9 <= length <= p.length + 8
+        elif rtype == ReplyType.OFFSET_HOLE:
+            ok = p.cmd == Cmd.READ and length == wire.OFFSET_HOLE.size
+        elif rtype == ReplyType.BLOCK_STATUS:
+            ok = (
+                p.cmd == Cmd.BLOCK_STATUS
+                and length >= 12
+                and (length - 4) % 8 == 0
+                and length <= 4 + 8 * wire.MAX_EXTENTS
+            )
+        elif rtype == ReplyType.ERROR:
+            ok = wire.ERROR_HEAD.size <= length <= _MAX_ERROR_CHUNK
+        elif rtype == ReplyType.ERROR_OFFSET:
+            ok = wire.ERROR_HEAD.size + 8 <= length <= _MAX_ERROR_CHUNK
+        elif rtype & wire.REPLY_TYPE_ERROR_BIT:
+            ok = wire.ERROR_HEAD.size <= length <= _MAX_ERROR_CHUNK
+        else:
+            raise ProtocolError(f"server sent unknown structured reply type {rtype}")
+        if not ok:
+            raise ProtocolError(f"server sent a {name} chunk of length {length} to {p.cmd.name}")
+
+    def _apply(self, kind: int, flags: int, rtype: int, cookie: int, payload: memoryview) -> Reply | None:
+        pending = self._pending[cookie]
+        if kind == 0:  # simple reply; ``flags`` holds the error
+            if flags == 0 and pending.buf is not None:
+                pending.buf[:] = payload
+                pending.covered = pending.length
+            pending.error = flags
+            return self._finish(cookie, pending)
+        pending.structured = True
+        if rtype == ReplyType.OFFSET_DATA:
+            (offset,) = wire.U64.unpack_from(payload)
+            self._content(pending, offset, len(payload) - 8, payload[8:])
+        elif rtype == ReplyType.OFFSET_HOLE:
+            offset, size = wire.OFFSET_HOLE.unpack_from(payload)
+            if size == 0:
+                raise ProtocolError("server sent an OFFSET_HOLE chunk of size 0")
+            self._content(pending, offset, size, None)
+        elif rtype == ReplyType.BLOCK_STATUS:
+            self._block_status(pending, payload)
+        elif rtype & wire.REPLY_TYPE_ERROR_BIT:
+            self._error_chunk(pending, rtype, payload)
+        if flags & wire.REPLY_FLAG_DONE:
+            return self._finish(cookie, pending)
+        return None
+
+    def _content(self, p: _Pending, offset: int, size: int, data: memoryview | None) -> None:
+        start = offset - p.offset
+        if offset < p.offset or start + size > p.length:
+            raise ProtocolError(f"server sent read data at {offset}+{size} outside the request {p.offset}+{p.length}")
+        i = bisect.bisect_left(p.starts, start)
+        if (i < len(p.starts) and p.starts[i] < start + size) or (i and p.ends[i - 1] > start):
+            raise ProtocolError(f"server sent overlapping read data at {offset}+{size}")
+        if len(p.starts) > p.length // 512 + _MAX_CHUNKS_SLACK:
+            raise ProtocolError("server split a read into too many chunks")
+        p.starts.insert(i, start)
+        p.ends.insert(i, start + size)
+        p.covered += size
+        assert p.buf is not None
+        if data is not None:
+            p.buf[start : start + size] = data
+        # A hole reads as zeroes, and the buffer starts zeroed.
+
+    def _block_status(self, p: _Pending, payload: memoryview) -> None:
+        (ctx_id,) = wire.U32.unpack_from(payload)
+        name = self._contexts.get(ctx_id)
+        if name is None:
+            raise ProtocolError(f"server sent block status for unknown context id {ctx_id}")
+        if name in p.extents:
+            raise ProtocolError(f"server sent two block status chunks for {name}")
+        extents = [(length, fl) for length, fl in wire.EXTENT.iter_unpack(payload[4:])]
+        total = 0
+        for i, (length, _) in enumerate(extents):
+            if length == 0:
+                raise ProtocolError("server sent a block status extent of length 0")
+            if i < len(extents) - 1:
+                total += length
+        if p.flags & CmdFlag.REQ_ONE:
+            if len(extents) != 1 or extents[0][0] > p.length:
+                raise ProtocolError("server broke NBD_CMD_FLAG_REQ_ONE in block status")
+        elif total >= p.length:
+            raise ProtocolError("server sent block status extents beyond the request")
+        p.extents[name] = extents
+
+    def _error_chunk(self, p: _Pending, rtype: int, payload: memoryview) -> None:
+        error, msg_len = wire.ERROR_HEAD.unpack_from(payload)
+        if error == 0:
+            raise ProtocolError("server sent an error chunk with error value 0")
+        rest = len(payload) - wire.ERROR_HEAD.size
+        if msg_len > rest or msg_len > wire.MAX_STRING:
+            raise ProtocolError("server sent an error message longer than its chunk")
+        message = bytes(payload[wire.ERROR_HEAD.size : wire.ERROR_HEAD.size + msg_len])
+        if rtype == ReplyType.ERROR_OFFSET:
+            if rest - msg_len != 8:
+                raise ProtocolError("server sent a malformed ERROR_OFFSET chunk")
+            (offset,) = wire.U64.unpack_from(payload, wire.ERROR_HEAD.size + msg_len)
+            if not p.offset <= offset < p.offset + p.length:
+                raise ProtocolError(f"server sent an error offset {offset} outside the request")
+        if not p.error:
+            p.error = error
+            p.message = message.decode("utf-8", "replace")
+
+    def _finish(self, cookie: int, p: _Pending) -> Reply:
+        del self._pending[cookie]
+        if p.error:
+            return Reply(cookie, p.error, p.message)
+        if p.cmd == Cmd.READ and p.covered != p.length:
+            raise ProtocolError(f"server ended a read with {p.length - p.covered} of {p.length} bytes missing")
+        if p.cmd == Cmd.BLOCK_STATUS:
+            if len(p.extents) != len(self._contexts):
+                raise ProtocolError("server ended block status without one chunk per context")
+            return Reply(cookie, extents=p.extents)
+        return Reply(cookie, data=p.buf)
+
+
+def _type_name(rtype: int) -> str:
+    try:
+        return ReplyType(rtype).name
+    except ValueError:
+        return f"type {rtype:#x}"
