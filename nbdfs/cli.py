@@ -62,7 +62,9 @@ def _add_tls_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: protocol traces)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: protocol traces)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +101,9 @@ def tls_config(args: argparse.Namespace, target: Target) -> TlsConfig:
     if args.tls is not None:
         wanted = TlsMode(args.tls)
         if target.tls is TlsMode.REQUIRE and wanted is not TlsMode.REQUIRE:
-            raise TargetError(f"--tls={wanted.value} contradicts the nbds:// URI, which requires TLS")
+            raise TargetError(
+                f"--tls={wanted.value} contradicts the nbds:// URI, which requires TLS"
+            )
         mode = wanted
     verify = not args.no_tls_verify_peer
     if target.tls_verify_peer is not None:
@@ -151,7 +155,12 @@ def format_listing(exports: list[Export]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for r in rows:
-        cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2]), r[3].ljust(widths[3])]
+        cells = [
+            r[0].ljust(widths[0]),
+            r[1].rjust(widths[1]),
+            r[2].rjust(widths[2]),
+            r[3].ljust(widths[3]),
+        ]
         lines.append("  ".join(cells + ([r[4]] if r[4] else [])).rstrip())
     return "\n".join(lines)
 
@@ -173,7 +182,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="nbdfs: %(message)s" if verbose < 2 else "%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=level,
+        format="nbdfs: %(message)s"
+        if verbose < 2
+        else "%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

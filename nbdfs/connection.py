@@ -68,12 +68,18 @@ async def open_stream(target: Target) -> trio.abc.HalfCloseableStream:
             inner = [e for e in group.exceptions if isinstance(e, OSError)]
             code = inner[0].errno if inner else None
         if code == errno.ECONNREFUSED:
-            raise ConnectError(f"connection refused by {where}: is an NBD server listening there?") from None
+            raise ConnectError(
+                f"connection refused by {where}: is an NBD server listening there?"
+            ) from None
         if code == errno.ENOENT:
-            raise ConnectError(f"no socket at {target.socket}: is the NBD server running?") from None
+            raise ConnectError(
+                f"no socket at {target.socket}: is the NBD server running?"
+            ) from None
         if isinstance(exc, socket.gaierror):
             raise ConnectError(f"cannot resolve host {target.host!r}: {exc.strerror}") from None
-        reason = (exc.strerror or str(exc)) if code is None else errno.errorcode.get(code, str(code))
+        reason = (
+            (exc.strerror or str(exc)) if code is None else errno.errorcode.get(code, str(code))
+        )
         raise ConnectError(f"cannot connect to {where}: {reason}") from None
     _tune_socket(stream.socket)
     return stream
@@ -104,7 +110,10 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
 
 
 async def drive(
-    stream: trio.abc.Stream, steps: Generator[Action, bytes | None, T], tls: TlsConfig, target: Target
+    stream: trio.abc.Stream,
+    steps: Generator[Action, bytes | None, T],
+    tls: TlsConfig,
+    target: Target,
 ) -> tuple[trio.abc.Stream, T]:
     """Run a sans-IO handshake generator against ``stream``; return the (maybe TLS) stream."""
     value: bytes | None = None
@@ -123,7 +132,9 @@ async def drive(
             stream = await _start_tls(stream, tls, target)
 
 
-async def _start_tls(stream: trio.abc.Stream, tls: TlsConfig, target: Target) -> trio.SSLStream[trio.abc.Stream]:
+async def _start_tls(
+    stream: trio.abc.Stream, tls: TlsConfig, target: Target
+) -> trio.SSLStream[trio.abc.Stream]:
     server_name = tls.hostname or target.tls_server_name
     if server_name is None and tls.verify_peer:
         raise TlsError(
@@ -138,20 +149,24 @@ async def _start_tls(stream: trio.abc.Stream, tls: TlsConfig, target: Target) ->
         if isinstance(cause, ssl.SSLError):
             raise TlsError(describe_ssl_error(cause)) from None
         raise TlsError("server closed the connection during the TLS handshake") from None
-    version = ssl_stream.version()  # type: ignore[attr-defined]
+    version = ssl_stream.version()
     log.info("TLS handshake with %s done (%s)", target.describe(), version)
     return ssl_stream
 
 
 async def _handshake(
-    target: Target, tls: TlsConfig, make_steps: Callable[[Handshake], Generator[Action, bytes | None, T]]
+    target: Target,
+    tls: TlsConfig,
+    make_steps: Callable[[Handshake], Generator[Action, bytes | None, T]],
 ) -> tuple[trio.abc.Stream, T]:
     stream: trio.abc.Stream = await open_stream(target)
     try:
         return await drive(stream, make_steps(Handshake(tls.mode)), tls, target)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await trio.aclose_forcefully(stream)
-        raise ConnectError(f"connection to {target.describe()} broke during the handshake: {exc}") from None
+        raise ConnectError(
+            f"connection to {target.describe()} broke during the handshake: {exc}"
+        ) from None
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -164,13 +179,15 @@ async def list_exports(target: Target, tls: TlsConfig, name: str | None = None) 
     NBD_OPT_GO with the true size; so an export listed as empty is asked again with GO on a
     connection of its own, which costs one connection only for such exports.
     """
-    stream, listing = await _handshake(target, tls, lambda hs: hs.list(name))
+    stream, listing = await _handshake(target, tls, lambda hs: hs.list_exports(name))
     await _close_quietly(stream)
     exports = []
     for export in listing.exports:
         if export.size == 0:
             session = await probe_export(target, tls, export.name)
-            export = replace(session.export, description=session.export.description or export.description)
+            export = replace(
+                session.export, description=session.export.description or export.description
+            )
         exports.append(export)
     return replace(listing, exports=exports)
 
@@ -218,7 +235,9 @@ class Connection:
         self._reader_done = trio.Event()
 
     @classmethod
-    async def open(cls, target: Target, export: str, tls: TlsConfig, nursery: trio.Nursery) -> Connection:
+    async def open(
+        cls, target: Target, export: str, tls: TlsConfig, nursery: trio.Nursery
+    ) -> Connection:
         """Connect and negotiate ``export``; its reader task runs in ``nursery``."""
         stream, session = await _handshake(target, tls, lambda hs: hs.go(export))
         conn = cls(stream, session, target)
@@ -249,7 +268,9 @@ class Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     if self.core.closed and not self._waiters:
                         return
-                    raise ConnectionLost(f"connection to {self.target.describe()} broke: {exc}") from None
+                    raise ConnectionLost(
+                        f"connection to {self.target.describe()} broke: {exc}"
+                    ) from None
                 if not data:
                     if self.core.closed and not self._waiters and not self.core.pending_bytes():
                         return
@@ -258,14 +279,20 @@ class Connection:
                 while (reply := self.core.next_event()) is not None:
                     waiter = self._waiters.pop(reply.cookie, None)
                     if reply.error == Errno.ESHUTDOWN and not self.draining:
-                        log.info("server %s is shutting down; disconnecting", self.target.describe())
+                        log.info(
+                            "server %s is shutting down; disconnecting", self.target.describe()
+                        )
                         self.draining = True
                     if waiter is not None:
                         waiter.reply = reply
                         waiter.event.set()
         except NbdError as exc:
             if isinstance(exc, ProtocolError):
-                log.warning("protocol error from %s: %s; dropping the connection", self.target.describe(), exc)
+                log.warning(
+                    "protocol error from %s: %s; dropping the connection",
+                    self.target.describe(),
+                    exc,
+                )
             self._break(exc)
         finally:
             self._reader_done.set()
@@ -325,7 +352,9 @@ class Connection:
         assert reply.data is not None
         return reply.data
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False
+    ) -> None:
         await self.request(Cmd.WRITE, offset, len(data), CmdFlag.FUA if fua else CmdFlag(0), data)
 
     async def flush(self) -> None:
@@ -334,7 +363,9 @@ class Connection:
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self.request(Cmd.TRIM, offset, length, CmdFlag.FUA if fua else CmdFlag(0))
 
-    async def write_zeroes(self, offset: int, length: int, fua: bool = False, no_hole: bool = False) -> None:
+    async def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, no_hole: bool = False
+    ) -> None:
         flags = (CmdFlag.FUA if fua else CmdFlag(0)) | (CmdFlag.NO_HOLE if no_hole else CmdFlag(0))
         await self.request(Cmd.WRITE_ZEROES, offset, length, flags)
 
@@ -363,4 +394,3 @@ class Connection:
         self._break(ConnectionLost("connection closed"))
         with trio.move_on_after(1):
             await self._reader_done.wait()
-

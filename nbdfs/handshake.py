@@ -59,7 +59,6 @@ class StartTls:
 
 
 Action = Send | Receive | StartTls
-Steps = Generator[Action, bytes | None, "T"]
 
 
 class TlsMode(enum.Enum):
@@ -209,7 +208,7 @@ def _rep_name(rep: int) -> str:
 
 
 class Handshake:
-    """One client's side of one handshake. Use :meth:`go` or :meth:`list` once.
+    """One client's side of one handshake. Use :meth:`go` or :meth:`list_exports` once.
 
     Args:
         tls: the user's TLS policy.
@@ -239,7 +238,7 @@ class Handshake:
             yield from self._abort(exc)
             raise
 
-    def list(self, name: str | None = None) -> Generator[Action, bytes | None, Listing]:
+    def list_exports(self, name: str | None = None) -> Generator[Action, bytes | None, Listing]:
         """List every export with NBD_OPT_LIST, describe each with NBD_OPT_INFO, then abort.
 
         With ``name``, describe just that export (servers may serve names they do not list).
@@ -264,7 +263,9 @@ class Handshake:
             for export_name, description in names:
                 export = None
                 if info_supported:
-                    export = yield from self._info(export_name, description, strict=name is not None)
+                    export = yield from self._info(
+                        export_name, description, strict=name is not None
+                    )
                     info_supported = export is not None
                 exports.append(export or Export(export_name, description=description))
             listing = Listing(exports, tls=self.tls_active)
@@ -341,7 +342,10 @@ class Handshake:
         replies = yield from self._option_replies(Opt.LIST, b"")
         final = replies[-1]
         if final.rep in (Rep.ERR_UNSUP, Rep.ERR_POLICY):
-            log.info("server will not list exports (%s); showing the default export", _rep_name(final.rep))
+            log.info(
+                "server will not list exports (%s); showing the default export",
+                _rep_name(final.rep),
+            )
             return [("", None)]
         self._check_final(Opt.LIST, final, "")
         names: list[tuple[str, str | None]] = []
@@ -402,7 +406,9 @@ class Handshake:
     def _set_meta_context(
         self, name: str, queries: list[str]
     ) -> Generator[Action, bytes | None, dict[str, int]]:
-        replies = yield from self._option_replies(Opt.SET_META_CONTEXT, _meta_payload(name, queries))
+        replies = yield from self._option_replies(
+            Opt.SET_META_CONTEXT, _meta_payload(name, queries)
+        )
         final = replies[-1]
         if final.rep != Rep.ACK:
             if final.rep in (Rep.ERR_TLS_REQD, Rep.ERR_SHUTDOWN):
@@ -459,14 +465,22 @@ class Handshake:
             if magic != wire.OPTION_REPLY_MAGIC:
                 raise ProtocolError(f"server sent a bad option reply magic {magic:#x}")
             if ropt != opt:
-                raise ProtocolError(f"server answered option {ropt} while we asked NBD_OPT_{opt.name}")
+                raise ProtocolError(
+                    f"server answered option {ropt} while we asked NBD_OPT_{opt.name}"
+                )
             if length > wire.MAX_OPTION_REPLY:
-                raise ProtocolError(f"server sent a {length}-byte option reply (limit {wire.MAX_OPTION_REPLY})")
-            data = (yield from self._recv(length, f"reply to NBD_OPT_{opt.name}")) if length else b""
+                raise ProtocolError(
+                    f"server sent a {length}-byte option reply (limit {wire.MAX_OPTION_REPLY})"
+                )
+            data = (
+                (yield from self._recv(length, f"reply to NBD_OPT_{opt.name}")) if length else b""
+            )
             if rep in intermediate:
                 replies.append(_Reply(rep, data))
                 if len(replies) > limit:
-                    raise ProtocolError(f"server sent more than {limit} replies to NBD_OPT_{opt.name}")
+                    raise ProtocolError(
+                        f"server sent more than {limit} replies to NBD_OPT_{opt.name}"
+                    )
                 continue
             if rep == Rep.ACK:
                 if length:
@@ -540,7 +554,9 @@ class Handshake:
             (kind,) = wire.U16.unpack_from(data)
             if kind == Info.EXPORT:
                 if len(data) != wire.INFO_EXPORT.size:
-                    raise ProtocolError(f"server sent NBD_INFO_EXPORT of length {len(data)}, not 12")
+                    raise ProtocolError(
+                        f"server sent NBD_INFO_EXPORT of length {len(data)}, not 12"
+                    )
                 _, size, raw_flags = wire.INFO_EXPORT.unpack(data)
                 flags = self._check_flags(raw_flags)
             elif kind == Info.NAME:
@@ -549,7 +565,9 @@ class Handshake:
                 description = _decode_text(data[2:]) or description
             elif kind == Info.BLOCK_SIZE:
                 if len(data) != wire.INFO_BLOCK_SIZE.size:
-                    raise ProtocolError(f"server sent NBD_INFO_BLOCK_SIZE of length {len(data)}, not 14")
+                    raise ProtocolError(
+                        f"server sent NBD_INFO_BLOCK_SIZE of length {len(data)}, not 14"
+                    )
                 _, minimum, preferred, maximum = wire.INFO_BLOCK_SIZE.unpack(data)
                 block = parse_block_size(minimum, preferred, maximum)
             # Unknown information types MUST be ignored.

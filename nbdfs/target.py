@@ -122,7 +122,9 @@ def _parse_uri(text: str) -> Target:
     if uri.fragment:
         raise TargetError(f"NBD URI {text!r} must not have a #fragment")
     try:
-        query = urllib.parse.parse_qs(uri.query, keep_blank_values=True, strict_parsing=bool(uri.query))
+        query = urllib.parse.parse_qs(
+            uri.query, keep_blank_values=True, strict_parsing=bool(uri.query)
+        )
     except ValueError:
         raise TargetError(f"bad query string in NBD URI {text!r}") from None
     params: dict[str, str] = {}
@@ -130,7 +132,9 @@ def _parse_uri(text: str) -> Target:
         if key.startswith("x-"):
             continue
         if key not in _KNOWN_QUERY:
-            raise TargetError(f"unknown NBD URI parameter {key!r}; known: {', '.join(sorted(_KNOWN_QUERY))}")
+            raise TargetError(
+                f"unknown NBD URI parameter {key!r}; known: {', '.join(sorted(_KNOWN_QUERY))}"
+            )
         if len(values) != 1:
             raise TargetError(f"NBD URI parameter {key!r} is given more than once")
         params[key] = values[0]
@@ -155,15 +159,21 @@ def _parse_uri(text: str) -> Target:
         if "tls-verify-peer" in params
         else None,
         tls_hostname=params.get("tls-hostname"),
-        tls_username=urllib.parse.unquote(uri.username) if uri.username else params.get("tls-username"),
+        tls_username=urllib.parse.unquote(uri.username)
+        if uri.username
+        else params.get("tls-username"),
         tls_psk_file=params.get("tls-psk-file"),
     )
     if unix:
         if uri.netloc:
-            raise TargetError(f"{scheme}:// takes no host ({uri.netloc!r}); use {scheme}:///EXPORT?socket=PATH")
+            raise TargetError(
+                f"{scheme}:// takes no host ({uri.netloc!r}); use {scheme}:///EXPORT?socket=PATH"
+            )
         sock = params.get("socket")
         if not sock:
-            raise TargetError(f"{scheme}:// needs ?socket=PATH, e.g. {scheme}:///?socket=/run/nbd.sock")
+            raise TargetError(
+                f"{scheme}:// needs ?socket=PATH, e.g. {scheme}:///?socket=/run/nbd.sock"
+            )
         return Target(socket=sock, **common)  # type: ignore[arg-type]
     if "socket" in params:
         raise TargetError(f"?socket= belongs to nbd+unix:// URIs, not {scheme}://")

@@ -101,7 +101,9 @@ class Transmission:
         self._contexts = {ctx_id: name for name, ctx_id in session.meta_contexts.items()}
         block = export.block_size
         self.minimum = block.minimum if block and session.block_size_requested else 1
-        self.maximum = min(block.maximum, wire.DEFAULT_MAX_PAYLOAD) if block else wire.DEFAULT_MAX_PAYLOAD
+        self.maximum = (
+            min(block.maximum, wire.DEFAULT_MAX_PAYLOAD) if block else wire.DEFAULT_MAX_PAYLOAD
+        )
         self.preferred = block.preferred if block else wire.DEFAULT_PREFERRED_BLOCK
         self._pending: dict[int, _Pending] = {}
         self._next_cookie = 1
@@ -158,7 +160,9 @@ class Transmission:
                     f"{cmd.name} at {offset}+{length} is not aligned to the minimum block {self.minimum}"
                 )
             if cmd in (Cmd.READ, Cmd.WRITE) and length > self.maximum:
-                raise LocalProtocolError(f"{cmd.name} of {length} bytes exceeds the maximum payload {self.maximum}")
+                raise LocalProtocolError(
+                    f"{cmd.name} of {length} bytes exceeds the maximum payload {self.maximum}"
+                )
         elif offset or length:
             raise LocalProtocolError(f"NBD_CMD_{cmd.name} takes no offset or length")
         if cmd == Cmd.WRITE:
@@ -232,7 +236,9 @@ class Transmission:
             length = 0
             if pending.cmd == Cmd.READ:
                 if self.structured:
-                    raise ProtocolError("server sent a simple reply to READ after structured replies")
+                    raise ProtocolError(
+                        "server sent a simple reply to READ after structured replies"
+                    )
                 length = 0 if error else pending.length
             elif pending.cmd == Cmd.BLOCK_STATUS and not error:
                 raise ProtocolError("server answered BLOCK_STATUS with a simple reply")
@@ -241,7 +247,9 @@ class Transmission:
         if magic == wire.STRUCTURED_REPLY_MAGIC:
             if avail < wire.STRUCTURED_REPLY.size:
                 return False
-            _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(self._buf, self._pos)
+            _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(
+                self._buf, self._pos
+            )
             self._pos += wire.STRUCTURED_REPLY.size
             if not self.structured:
                 raise ProtocolError("server sent a structured reply that was not negotiated")
@@ -283,7 +291,9 @@ class Transmission:
         if not ok:
             raise ProtocolError(f"server sent a {name} chunk of length {length} to {p.cmd.name}")
 
-    def _apply(self, kind: int, flags: int, rtype: int, cookie: int, payload: memoryview) -> Reply | None:
+    def _apply(
+        self, kind: int, flags: int, rtype: int, cookie: int, payload: memoryview
+    ) -> Reply | None:
         pending = self._pending[cookie]
         if kind == 0:  # simple reply; ``flags`` holds the error
             if flags == 0 and pending.buf is not None:
@@ -311,7 +321,9 @@ class Transmission:
     def _content(self, p: _Pending, offset: int, size: int, data: memoryview | None) -> None:
         start = offset - p.offset
         if offset < p.offset or start + size > p.length:
-            raise ProtocolError(f"server sent read data at {offset}+{size} outside the request {p.offset}+{p.length}")
+            raise ProtocolError(
+                f"server sent read data at {offset}+{size} outside the request {p.offset}+{p.length}"
+            )
         i = bisect.bisect_left(p.starts, start)
         if (i < len(p.starts) and p.starts[i] < start + size) or (i and p.ends[i - 1] > start):
             raise ProtocolError(f"server sent overlapping read data at {offset}+{size}")
@@ -369,7 +381,9 @@ class Transmission:
         if p.error:
             return Reply(cookie, p.error, p.message)
         if p.cmd == Cmd.READ and p.covered != p.length:
-            raise ProtocolError(f"server ended a read with {p.length - p.covered} of {p.length} bytes missing")
+            raise ProtocolError(
+                f"server ended a read with {p.length - p.covered} of {p.length} bytes missing"
+            )
         if p.cmd == Cmd.BLOCK_STATUS:
             if len(p.extents) != len(self._contexts):
                 raise ProtocolError("server ended block status without one chunk per context")

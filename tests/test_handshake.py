@@ -9,7 +9,17 @@ from nbdfs.errors import ExportNotFound, OptionError, ProtocolError, TlsError
 from nbdfs.handshake import BlockSize, Handshake, TlsMode
 from nbdfs.wire import Opt, Rep
 
-from .wirebuild import FLAGS, Script, go_ok, greeting, info_block, info_export, oldstyle, rep, server
+from .wirebuild import (
+    FLAGS,
+    Script,
+    go_ok,
+    greeting,
+    info_block,
+    info_export,
+    oldstyle,
+    rep,
+    server,
+)
 
 
 def test_go_negotiates_structured_replies_meta_context_and_block_size() -> None:
@@ -30,7 +40,9 @@ def test_go_negotiates_structured_replies_meta_context_and_block_size() -> None:
 
 def test_go_with_block_size() -> None:
     data = greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP)
-    data += info_block(Opt.GO, 512, 4096, 1 << 20) + info_export(Opt.GO, 4096) + rep(Opt.GO, Rep.ACK)
+    data += (
+        info_block(Opt.GO, 512, 4096, 1 << 20) + info_export(Opt.GO, 4096) + rep(Opt.GO, Rep.ACK)
+    )
     session = Script(data).run(Handshake().go(""))
     assert session.export.block_size == BlockSize(512, 4096, 1 << 20)
     assert not session.structured_replies and session.meta_contexts == {}
@@ -66,7 +78,7 @@ def test_unknown_export_is_reported_and_session_soft_disconnected() -> None:
     data = greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ACK) + rep(Opt.SET_META_CONTEXT, Rep.ACK)
     data += rep(Opt.GO, Rep.ERR_UNKNOWN, b"nope")
     s = Script(data)
-    with pytest.raises(ExportNotFound, match="no export named 'x'.*nope"):
+    with pytest.raises(ExportNotFound, match=r"no export named 'x'.*nope"):
         s.run(Handshake().go("x"))
     assert s.options()[-1] == Opt.ABORT
 
@@ -74,9 +86,11 @@ def test_unknown_export_is_reported_and_session_soft_disconnected() -> None:
 def test_list_then_info_each_then_abort() -> None:
     data = greeting() + server("a", "first disk") + server("b c") + rep(Opt.LIST, Rep.ACK)
     data += info_export(Opt.INFO, 100) + rep(Opt.INFO, Rep.ACK)
-    data += info_export(Opt.INFO, 200, FLAGS | wire.TransmissionFlag.READ_ONLY) + rep(Opt.INFO, Rep.ACK)
+    data += info_export(Opt.INFO, 200, FLAGS | wire.TransmissionFlag.READ_ONLY) + rep(
+        Opt.INFO, Rep.ACK
+    )
     s = Script(data)
-    listing = s.run(Handshake().list())
+    listing = s.run(Handshake().list_exports())
     assert [(e.name, e.size, e.read_only, e.description) for e in listing.exports] == [
         ("a", 100, False, "first disk"),
         ("b c", 200, True, None),
@@ -85,15 +99,26 @@ def test_list_then_info_each_then_abort() -> None:
 
 
 def test_list_refused_shows_default_export() -> None:
-    data = greeting() + rep(Opt.LIST, Rep.ERR_POLICY) + info_export(Opt.INFO, 5) + rep(Opt.INFO, Rep.ACK)
-    listing = Script(data).run(Handshake().list())
+    data = (
+        greeting()
+        + rep(Opt.LIST, Rep.ERR_POLICY)
+        + info_export(Opt.INFO, 5)
+        + rep(Opt.INFO, Rep.ACK)
+    )
+    listing = Script(data).run(Handshake().list_exports())
     assert [(e.name, e.size) for e in listing.exports] == [("", 5)]
 
 
 def test_list_without_info_support_lists_names_only() -> None:
-    data = greeting() + server("a") + server("b") + rep(Opt.LIST, Rep.ACK) + rep(Opt.INFO, Rep.ERR_UNSUP)
+    data = (
+        greeting()
+        + server("a")
+        + server("b")
+        + rep(Opt.LIST, Rep.ACK)
+        + rep(Opt.INFO, Rep.ERR_UNSUP)
+    )
     s = Script(data)
-    listing = s.run(Handshake().list())
+    listing = s.run(Handshake().list_exports())
     assert [(e.name, e.size) for e in listing.exports] == [("a", None), ("b", None)]
     assert s.options() == [Opt.LIST, Opt.INFO, Opt.ABORT]  # INFO is not asked again
 
@@ -126,7 +151,9 @@ def test_starttls_is_the_first_option_and_state_is_renegotiated_after() -> None:
     assert s.tls_started == 1 and session.tls
 
 
-@pytest.mark.parametrize("refusal", [Rep.ERR_POLICY, Rep.ERR_UNSUP, Rep.ERR_INVALID, Rep.ERR_PLATFORM])
+@pytest.mark.parametrize(
+    "refusal", [Rep.ERR_POLICY, Rep.ERR_UNSUP, Rep.ERR_INVALID, Rep.ERR_PLATFORM]
+)
 def test_require_never_continues_in_plaintext(refusal: Rep) -> None:
     s = Script(greeting() + rep(Opt.STARTTLS, refusal))
     with pytest.raises(TlsError, match="refused TLS"):
@@ -144,7 +171,7 @@ def test_allow_continues_in_plaintext_after_refusal() -> None:
 def test_tls_required_by_server_with_tls_disabled() -> None:
     data = greeting() + rep(Opt.STRUCTURED_REPLY, Rep.ERR_TLS_REQD)
     s = Script(data)
-    with pytest.raises(TlsError, match="requires TLS.*--tls=require"):
+    with pytest.raises(TlsError, match=r"requires TLS.*--tls=require"):
         s.run(Handshake().go("d"))
     assert s.options()[-1] == Opt.ABORT
 
@@ -158,14 +185,17 @@ def test_tls_reqd_after_tls_is_a_protocol_error() -> None:
 def test_selective_tls_export_listed_as_tls_required() -> None:
     data = greeting() + server("open") + server("secret") + rep(Opt.LIST, Rep.ACK)
     data += info_export(Opt.INFO, 1) + rep(Opt.INFO, Rep.ACK) + rep(Opt.INFO, Rep.ERR_TLS_REQD)
-    listing = Script(data).run(Handshake().list())
-    assert [(e.name, e.tls_required) for e in listing.exports] == [("open", False), ("secret", True)]
+    listing = Script(data).run(Handshake().list_exports())
+    assert [(e.name, e.tls_required) for e in listing.exports] == [
+        ("open", False),
+        ("secret", True),
+    ]
 
 
 def test_shutdown_during_haggling_aborts() -> None:
     s = Script(greeting() + rep(Opt.LIST, Rep.ERR_SHUTDOWN))
     with pytest.raises(OptionError, match="shutting down"):
-        s.run(Handshake().list())
+        s.run(Handshake().list_exports())
     assert s.options()[-1] == Opt.ABORT
 
 
@@ -182,14 +212,15 @@ def test_shutdown_during_haggling_aborts() -> None:
         (greeting() + rep(Opt.LIST, Rep.SERVER, b"\0\0\0\x02\xff\xfe"), "not UTF-8"),
         (greeting() + rep(Opt.LIST, Rep.SERVER, b"\0\0\0\x02a\0"), "NUL"),
         (
-            greeting() + wire.OPTION_REPLY.pack(wire.OPTION_REPLY_MAGIC, Opt.LIST, Rep.SERVER, 1 << 30),
+            greeting()
+            + wire.OPTION_REPLY.pack(wire.OPTION_REPLY_MAGIC, Opt.LIST, Rep.SERVER, 1 << 30),
             "option reply",
         ),
     ],
 )
 def test_bad_list_replies_are_protocol_errors(data: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
-        Script(data + rep(Opt.LIST, Rep.ACK)).run(Handshake().list())
+        Script(data + rep(Opt.LIST, Rep.ACK)).run(Handshake().list_exports())
 
 
 @pytest.mark.parametrize(
@@ -209,14 +240,14 @@ def test_bad_list_replies_are_protocol_errors(data: bytes, match: str) -> None:
 )
 def test_bad_info_replies_are_protocol_errors(data: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
-        Script(greeting() + data + rep(Opt.INFO, Rep.ACK)).run(Handshake().list("x"))
+        Script(greeting() + data + rep(Opt.INFO, Rep.ACK)).run(Handshake().list_exports("x"))
 
 
 def test_too_many_list_replies_are_refused_with_bounded_memory() -> None:
     one = server("x")
     data = greeting() + one * (wire.MAX_EXPORTS + 1)
     with pytest.raises(ProtocolError, match="more than"):
-        Script(data).run(Handshake().list())
+        Script(data).run(Handshake().list_exports())
 
 
 def test_every_truncation_of_a_good_conversation_is_a_clean_error() -> None:

@@ -18,7 +18,9 @@ def greeting(flags: int = 3) -> bytes:
 
 
 def oldstyle(size: int, flags: int = 1) -> bytes:
-    return wire.GREETING.pack(wire.INIT_PASSWD, wire.CLISERV_MAGIC) + wire.OLDSTYLE_REST.pack(size, flags)
+    return wire.GREETING.pack(wire.INIT_PASSWD, wire.CLISERV_MAGIC) + wire.OLDSTYLE_REST.pack(
+        size, flags
+    )
 
 
 def rep(opt: int, rtype: int, data: bytes = b"") -> bytes:
@@ -35,7 +37,9 @@ def info_export(opt: int, size: int, flags: int = FLAGS) -> bytes:
 
 
 def info_block(opt: int, minimum: int, preferred: int, maximum: int) -> bytes:
-    return rep(opt, Rep.INFO, wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum))
+    return rep(
+        opt, Rep.INFO, wire.INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum)
+    )
 
 
 def meta(ctx_id: int, name: str = "base:allocation") -> bytes:
@@ -59,7 +63,11 @@ def simple(cookie: int, error: int = 0, data: bytes = b"") -> bytes:
 
 def chunk(cookie: int, rtype: int, payload: bytes = b"", done: bool = False) -> bytes:
     head = wire.STRUCTURED_REPLY.pack(
-        wire.STRUCTURED_REPLY_MAGIC, wire.REPLY_FLAG_DONE if done else 0, rtype, cookie, len(payload)
+        wire.STRUCTURED_REPLY_MAGIC,
+        wire.REPLY_FLAG_DONE if done else 0,
+        rtype,
+        cookie,
+        len(payload),
     )
     return head + payload
 
