@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
+import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
 from . import __version__
 from .connection import list_exports
 from .errors import NbdError, TargetError
+from .fs import MountConfig
 from .handshake import Export, TlsMode
+from .mount import MountError, fuse_options, run_mount, set_io_flusher
 from .target import Target, parse_target
 from .tls import TlsConfig
 
@@ -92,6 +96,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_options(p_list)
     _add_common(p_list)
     p_list.set_defaults(func=cmd_list)
+
+    p_mount = sub.add_parser(
+        "mount",
+        help="mount a server's exports as files",
+        description="Mount the exports of an NBD server on MOUNTPOINT: each export is a regular"
+        " file of the export's size, which losetup, qemu-img, fdisk, dd or any program can use."
+        " nbdfs goes to the background once the mount is ready (like sshfs); unmount with"
+        " 'fusermount3 -u MOUNTPOINT'.",
+        epilog=TARGET_HELP + MOUNT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_mount.add_argument("target", metavar="TARGET")
+    p_mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_mount.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
+    )
+    p_mount.add_argument(
+        "-r", "--readonly", action="store_true", help="mount read-only (files are 0444)"
+    )
+    p_mount.add_argument(
+        "-C",
+        "--connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="connections per export, used only if the server allows multi-conn (default 4)",
+    )
+    p_mount.add_argument(
+        "--cache-size",
+        default=None,
+        metavar="SIZE",
+        help="block cache per export, bytes or with K/M/G (default 256M; 0 disables it)",
+    )
+    p_mount.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long one request may wait before it fails with EIO (default 60)",
+    )
+    p_mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount options: the ones above as name=value (ro, connections=N, cache_size=SIZE,"
+        " timeout=S, tls=MODE, tls_certificates=DIR), or FUSE options such as allow_other",
+    )
+    p_mount.add_argument(
+        "--log-file", metavar="FILE", help="where the daemon logs (default: syslog)"
+    )
+    _add_tls_options(p_mount)
+    _add_common(p_mount)
+    p_mount.set_defaults(func=cmd_mount)
     return parser
 
 
@@ -178,6 +237,209 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         print(format_listing(exports))
     return EXIT_OK
+
+
+MOUNT_EPILOG = """
+Files: one per export, named as the export; a "/" in a name makes a subdirectory, the
+default (empty-named) export is "%default%", and a "%" is written "%25" (see the man page).
+Each file carries its export's metadata as extended attributes: getfattr -d FILE.
+
+Examples:
+  nbdfs mount localhost /mnt/nbd
+  losetup --direct-io=on -f --show /mnt/nbd/disk
+  nbdfs mount -r nbds://nas.example/backup /mnt/backup --tls-certificates ~/pki
+"""
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``SIZE`` as bytes, or with a K/M/G/T suffix (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SUFFIXES else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = float(number) * _SUFFIXES[unit]
+    except ValueError:
+        raise TargetError(f"bad size {text!r}: give bytes or a number with K, M or G") from None
+    if value < 0:
+        raise TargetError(f"bad size {text!r}: must not be negative")
+    return int(value)
+
+
+_OPTION_KEYS = {
+    "ro": "readonly",
+    "readonly": "readonly",
+    "connections": "connections",
+    "cache_size": "cache_size",
+    "cache-size": "cache_size",
+    "timeout": "timeout",
+    "tls": "tls",
+    "tls_certificates": "tls_certificates",
+    "tls-certificates": "tls_certificates",
+}
+# Generic mount(8) options that make no sense to FUSE and are dropped silently.
+_IGNORED = {
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "_netdev",
+    "nofail",
+    "dev",
+    "suid",
+    "exec",
+}
+
+
+def split_mount_options(args: argparse.Namespace) -> set[str]:
+    """Apply nbdfs's own -o options to ``args``; return the rest, for FUSE."""
+    fuse: set[str] = set()
+    for group in args.options:
+        for opt in filter(None, group.split(",")):
+            key, _, value = opt.partition("=")
+            attr = _OPTION_KEYS.get(key)
+            if attr is None:
+                if key not in _IGNORED and not key.startswith("x-"):
+                    fuse.add(opt)
+                continue
+            if attr == "readonly":
+                args.readonly = True
+            elif getattr(args, attr) is None:
+                if not value:
+                    raise TargetError(f"-o {key} needs a value: -o {key}=VALUE")
+                setattr(args, attr, value)
+    return fuse
+
+
+def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
+    connections = int(args.connections) if args.connections is not None else 4
+    if not 1 <= connections <= 64:
+        raise TargetError("--connections must be from 1 to 64")
+    timeout = float(args.timeout) if args.timeout is not None else 60.0
+    if timeout <= 0:
+        raise TargetError("--timeout must be positive")
+    cache = parse_size(args.cache_size) if args.cache_size is not None else 256 << 20
+    return MountConfig(
+        target=target,
+        tls=tls_config(args, target),
+        readonly=args.readonly,
+        connections=connections,
+        cache_size=cache,
+        timeout=timeout,
+    )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    fuse_extra = split_mount_options(args)
+    target = parse_target(args.target)
+    config = mount_config(args, target)
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(
+            f"mountpoint {args.mountpoint} does not exist or is not a directory: create it with mkdir"
+        )
+    if not os.path.exists("/dev/fuse"):
+        raise MountError(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
+        )
+    options = fuse_options(config, fuse_extra, args.target)
+    if "auto_unmount" not in options and not args.foreground:
+        options.add("auto_unmount")  # a killed daemon must not leave a dead mountpoint
+    if args.foreground:
+        return _serve(config, mountpoint, options, None)
+    return _daemonize(config, mountpoint, options, args)
+
+
+def _serve(
+    config: MountConfig,
+    mountpoint: str,
+    options: set[str],
+    notify: Callable[[str | None], None] | None,
+) -> int:
+    error: list[str] = []
+
+    def ready(message: str | None) -> None:
+        if message is not None:
+            error.append(message)
+        if notify is not None:
+            notify(message)
+
+    set_io_flusher()
+    trio.run(run_mount, config, mountpoint, options, ready)
+    if error:
+        if notify is None:
+            print(f"nbdfs: {error[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _daemonize(
+    config: MountConfig, mountpoint: str, options: set[str], args: argparse.Namespace
+) -> int:
+    """Fork; the child mounts and says "ok" or why not; the parent exits only then."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode("utf-8", "replace")
+        if message == "ok":
+            return EXIT_OK
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            message = (
+                f"the nbdfs daemon died during start-up (status {status}); run with -f to see why"
+            )
+        print(f"nbdfs: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    # The child: a session of its own, no terminal, logs to syslog or --log-file.
+    os.close(read_fd)
+    os.setsid()
+    os.chdir("/")
+    _daemon_logging(args)
+
+    def notify(message: str | None) -> None:
+        nonlocal write_fd
+        if write_fd < 0:
+            return
+        os.write(write_fd, b"ok" if message is None else message.encode())
+        os.close(write_fd)
+        write_fd = -1
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    try:
+        code = _serve(config, mountpoint, options, notify)
+    except BaseException as exc:  # the parent must hear something, whatever happened
+        notify(f"{exc}" if isinstance(exc, NbdError) else f"internal error: {exc!r}")
+        logging.getLogger("nbdfs").exception("daemon failed")
+        code = EXIT_ERROR
+    os._exit(code)
+
+
+def _daemon_logging(args: argparse.Namespace) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if args.log_file:
+        handler = logging.FileHandler(args.log_file)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s nbdfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+        )
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("nbdfs[%(process)d]: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
 
 
 def setup_logging(verbose: int) -> None:

@@ -297,6 +297,10 @@ class Connection:
         finally:
             self._reader_done.set()
 
+    def mark_broken(self, exc: NbdError) -> None:
+        """Give up on this connection (e.g. it let a request time out)."""
+        self._break(exc)
+
     def _break(self, exc: NbdError) -> None:
         if self.broken is None:
             self.broken = exc

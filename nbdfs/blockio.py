@@ -1,0 +1,276 @@
+"""Byte-addressed I/O on one export: alignment, splitting, the block cache and read-ahead.
+
+This is where a FUSE read or write of any offset and length becomes NBD requests that obey
+the export's constraints ("Size constraints"): every request is aligned to the minimum
+block and no larger than the maximum payload; a write that is not aligned is done as
+read-modify-write while holding its aligned range exclusively, so no other write to those
+bytes can interleave. Writes are write-through: :meth:`ExportIO.write` returns only after
+the server acknowledged every piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import trio
+
+from .cache import BlockCache, Fetch
+from .errors import NbdError
+from .handshake import Export
+from .pool import ExportPool
+from .wire import DEFAULT_MAX_PAYLOAD, TransmissionFlag
+
+log = logging.getLogger(__name__)
+
+CACHE_BLOCK = 128 * 1024  # cache granularity; clamped to the export's constraints
+READAHEAD_MAX = 8 * 1024 * 1024  # how far ahead a sequential reader is served
+
+
+class ReadFailed(NbdError):
+    """A read of this block failed (another reader's fetch reported it)."""
+
+
+class RangeLock:
+    """Shared/exclusive locks on byte ranges (writes share; read-modify-write excludes)."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, bool]] = []
+        self._changed = trio.Event()
+
+    def _conflicts(self, start: int, end: int, exclusive: bool) -> bool:
+        return any(s < end and start < e and (exclusive or x) for s, e, x in self._held)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, start: int, end: int, exclusive: bool) -> AsyncIterator[None]:
+        while self._conflicts(start, end, exclusive):
+            await self._changed.wait()
+        entry = (start, end, exclusive)
+        self._held.append(entry)
+        try:
+            yield
+        finally:
+            self._held.remove(entry)
+            self._changed.set()
+            self._changed = trio.Event()
+
+
+async def _concurrently(*calls: tuple[Callable[..., Awaitable[None]], tuple[object, ...]]) -> None:
+    """Run calls side by side; raise the first :class:`NbdError` itself, not a group."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for fn, args in calls:
+                nursery.start_soon(fn, *args)
+    except BaseExceptionGroup as group:
+        match, _ = group.split(NbdError)
+        if match is not None:
+            leaf: BaseException = match
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
+        raise
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+class ExportIO:
+    """Reads and writes of one export, shared by every open file of it."""
+
+    def __init__(self, pool: ExportPool, cache_bytes: int, nursery: trio.Nursery) -> None:
+        self.pool = pool
+        self._cache_bytes = cache_bytes
+        self._nursery = nursery
+        self._ready = False
+        self._ranges = RangeLock()
+        self._next_sequential = -1
+        self._readahead = 0
+        self.export: Export | None = None
+        self.cache = BlockCache(0, CACHE_BLOCK)
+
+    async def _setup(self) -> Export:
+        """Learn the export's constraints from GO (authoritative) on first use."""
+        if self._ready:
+            assert self.export is not None
+            return self.export
+        export = await self.pool.ensure_connected()
+        if not self._ready:
+            block = export.block_size
+            self.minimum = block.minimum if block else 1
+            self.maximum = min(block.maximum if block else DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD)
+            self.maximum -= self.maximum % self.minimum
+            cb = min(CACHE_BLOCK, _power_of_two_at_most(self.maximum))
+            self.cache = BlockCache(self._cache_bytes, max(cb, self.minimum))
+            self.size = export.size or 0
+            self.export = export
+            self._ready = True
+        return export
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await self._setup()
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        if not self.cache.enabled:
+            return await self._read_direct(offset, end)
+        cb = self.cache.block_size
+        first, last = offset // cb, (end - 1) // cb
+        fetches = self._fetches_for(range(first, last + 1))
+        self._maybe_readahead(offset, end, last)
+        parts = []
+        for b, item in fetches:
+            if isinstance(item, Fetch):
+                await item.done.wait()
+                if item.data is None:
+                    raise ReadFailed(f"reading block {b} of export {self.pool.name!r} failed")
+                data = item.data
+            else:
+                data = item
+            lo = max(offset - b * cb, 0)
+            hi = min(end - b * cb, len(data))
+            parts.append(data[lo:hi] if lo or hi < len(data) else data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fetches_for(self, blocks: range) -> list[tuple[int, bytes | Fetch]]:
+        """For each block, its cached bytes or the fetch that will bring them (started here)."""
+        out: list[tuple[int, bytes | Fetch]] = []
+        run: list[tuple[int, Fetch]] = []
+        per_request = max(1, self.maximum // self.cache.block_size)
+        for b in blocks:
+            cached = self.cache.get(b)
+            if cached is not None:
+                out.append((b, cached))
+                item: bytes | Fetch | None = None
+            else:
+                item = self.cache.fetching(b)
+                if item is None:
+                    fetch = self.cache.start_fetch(b)
+                    out.append((b, fetch))
+                    if run and (run[-1][0] != b - 1 or len(run) >= per_request):
+                        self._nursery.start_soon(self._fetch_run, run)
+                        run = []
+                    run.append((b, fetch))
+                    continue
+                out.append((b, item))
+            if run:
+                self._nursery.start_soon(self._fetch_run, run)
+                run = []
+        if run:
+            self._nursery.start_soon(self._fetch_run, run)
+        return out
+
+    def _maybe_readahead(self, offset: int, end: int, last: int) -> None:
+        if offset != self._next_sequential:
+            self._readahead = 0
+            self._next_sequential = end
+            return
+        self._next_sequential = end
+        cb = self.cache.block_size
+        limit = min(READAHEAD_MAX, max(self._cache_bytes // 4, cb))
+        self._readahead = min(max(self._readahead * 2, 4 * cb), limit)
+        top = min((self.size - 1) // cb, last + self._readahead // cb)
+        wanted = [b for b in range(last + 1, top + 1) if self.cache.fetching(b) is None]
+        if wanted:
+            # Starting fetches for uncached blocks is all read-ahead needs to do; the cache
+            # check inside skips blocks already held.
+            self._fetches_for(range(wanted[0], wanted[-1] + 1))
+
+    async def _fetch_run(self, run: list[tuple[int, Fetch]]) -> None:
+        cb = self.cache.block_size
+        start = run[0][0] * cb
+        end = min((run[-1][0] + 1) * cb, self.size)
+        aligned_end = end + (-end % self.minimum)
+        data: bytes | bytearray | None = None
+        try:
+            if aligned_end > self.size:
+                raise ReadFailed("the export's size is not a multiple of its minimum block")
+            data = await self.pool.run(lambda c: c.read(start, aligned_end - start), retry=True)
+            self.pool.stats.bytes_read += len(data)
+        except NbdError as exc:
+            log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
+        view = memoryview(data) if data is not None else None
+        for b, fetch in run:
+            lo = b * cb - start
+            block = bytes(view[lo : min(lo + cb, end - start)]) if view is not None else None
+            self.cache.end_fetch(b, fetch, block)
+
+    async def _read_direct(self, offset: int, end: int) -> bytes:
+        a0 = offset - offset % self.minimum
+        a1 = min(end + (-end % self.minimum), self.size)
+        pieces: dict[int, bytes | bytearray] = {}
+
+        async def one(start: int, length: int) -> None:
+            pieces[start] = await self.pool.run(lambda c: c.read(start, length), retry=True)
+            self.pool.stats.bytes_read += length
+
+        await _concurrently(
+            *((one, (s, min(self.maximum, a1 - s))) for s in range(a0, a1, self.maximum))
+        )
+        data = b"".join(pieces[k] for k in sorted(pieces))
+        return data[offset - a0 : end - a0]
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> int:
+        """Write ``data`` at ``offset`` (the caller keeps it inside the export)."""
+        await self._setup()
+        end = offset + len(data)
+        assert end <= self.size
+        if self.minimum == 1:
+            await self._write_aligned(offset, data, fua)
+        elif offset % self.minimum or end % self.minimum:
+            a0 = offset - offset % self.minimum
+            a1 = end + (-end % self.minimum)
+            async with self._ranges.hold(a0, a1, exclusive=True):
+                head = await self.read(a0, offset - a0) if offset > a0 else b""
+                tail = await self.read(end, a1 - end) if a1 > end else b""
+                await self._write_aligned(a0, b"".join((head, data, tail)), fua)
+        else:
+            async with self._ranges.hold(offset, end, exclusive=False):
+                await self._write_aligned(offset, data, fua)
+        return len(data)
+
+    async def _write_aligned(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        end = offset + len(data)
+        cb = self.cache.block_size
+        blocks = range(offset // cb, (end - 1) // cb + 1)
+        started = self.cache.start_write(blocks)
+        assert self.export is not None
+        use_fua = fua and bool(self.export.flags & TransmissionFlag.SEND_FUA)
+        view = memoryview(data)
+        ok = False
+        try:
+            await _concurrently(
+                *(
+                    (
+                        self._write_piece,
+                        (s, view[s - offset : min(s - offset + self.maximum, len(data))], use_fua),
+                    )
+                    for s in range(offset, end, self.maximum)
+                )
+            )
+            if fua and not use_fua:
+                await self.pool.flush()
+            ok = True
+        finally:
+            updates: dict[int, bytes | None] = {}
+            if ok and self.cache.enabled:
+                for b in blocks:
+                    b0, b1 = b * cb, min(b * cb + cb, self.size)
+                    lo, hi = max(offset, b0), min(end, b1)
+                    if lo == b0 and hi == b1:
+                        updates[b] = bytes(view[lo - offset : hi - offset])
+                    else:
+                        updates[b] = self.cache.patch(b, lo - b0, view[lo - offset : hi - offset])
+            self.cache.end_write(started, updates, ok)
+
+    async def _write_piece(self, start: int, piece: memoryview, fua: bool) -> None:
+        await self.pool.run(lambda c: c.write(start, piece, fua), writes=True)
+        self.pool.stats.bytes_written += len(piece)
+
+    async def flush(self) -> None:
+        await self.pool.flush()

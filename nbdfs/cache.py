@@ -1,0 +1,122 @@
+"""Byte-bounded block cache with in-flight de-duplication and write generations.
+
+Blocks are fixed-size slices of one export, keyed by block number, held in a
+``cachetools.LRUCache`` whose size is counted in bytes. Two pieces of bookkeeping keep it
+from ever serving bytes older than the last write:
+
+* a *generation* per block, bumped when a write to it starts and again when it ends; a
+  fetch remembers the generation it started under and is cached only if nothing changed
+  meanwhile (a read that raced a write may be stale; it is returned, never cached);
+* a write that ends while another write to the same block started after it drops the
+  block instead of patching it, since the server may have applied them in either order.
+
+Fetches in flight are shared: a second reader of a block being fetched waits for that
+fetch instead of asking the server again. A failed fetch is never cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+from cachetools import LRUCache
+
+
+@dataclass(slots=True)
+class Fetch:
+    """A block being read from the server; readers wait on ``done``."""
+
+    generation: int
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None  # None after ``done``: the fetch failed
+
+
+class BlockCache:
+    def __init__(self, capacity: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.capacity = capacity
+        self._lru: LRUCache[int, bytes] | None = (
+            LRUCache(maxsize=capacity, getsizeof=len) if capacity >= block_size else None
+        )
+        self._fetches: dict[int, Fetch] = {}
+        self._gen: dict[int, int] = {}
+        self._writes = 0  # writes in flight; generations can be forgotten when none are
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._lru is not None
+
+    @property
+    def used(self) -> int:
+        return int(self._lru.currsize) if self._lru is not None else 0
+
+    def get(self, block: int) -> bytes | None:
+        if self._lru is None:
+            return None
+        data = self._lru.get(block)
+        if data is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return data
+
+    def fetching(self, block: int) -> Fetch | None:
+        return self._fetches.get(block)
+
+    def start_fetch(self, block: int) -> Fetch:
+        fetch = Fetch(self._gen.get(block, 0))
+        self._fetches[block] = fetch
+        return fetch
+
+    def end_fetch(self, block: int, fetch: Fetch, data: bytes | None) -> None:
+        """Publish a fetch's result; cache it if no write touched the block meanwhile."""
+        if self._fetches.get(block) is fetch:
+            del self._fetches[block]
+        fetch.data = data
+        fetch.done.set()
+        if (
+            data is not None
+            and self._lru is not None
+            and self._gen.get(block, 0) == fetch.generation
+        ):
+            self._lru[block] = data
+
+    def start_write(self, blocks: range) -> dict[int, int]:
+        self._writes += 1
+        started = {}
+        for b in blocks:
+            started[b] = self._gen[b] = self._gen.get(b, 0) + 1
+        return started
+
+    def end_write(
+        self, started: dict[int, int], updates: dict[int, bytes | None], ok: bool
+    ) -> None:
+        """Finish a write: store the new contents of the blocks it covered, or drop them.
+
+        ``updates`` maps a block to its new bytes (whole block written), or to None when the
+        block was written in part (patched by :meth:`patch` only if still cached).
+        """
+        for b, gen in started.items():
+            latest = self._gen.get(b, 0) == gen
+            self._gen[b] = self._gen.get(b, 0) + 1
+            if self._lru is None:
+                continue
+            new = updates.get(b)
+            if ok and latest and new is not None:
+                self._lru[b] = new
+            else:
+                self._lru.pop(b, None)
+        self._writes -= 1
+        if self._writes == 0 and not self._fetches:
+            self._gen.clear()
+
+    def patch(self, block: int, offset: int, data: bytes | memoryview) -> bytes | None:
+        """The cached block with ``data`` written at ``offset``, or None if not cached."""
+        if self._lru is None:
+            return None
+        old = self._lru.get(block)
+        if old is None:
+            return None
+        return b"".join((old[:offset], data, old[offset + len(data) :]))

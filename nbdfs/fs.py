@@ -1,0 +1,398 @@
+"""The FUSE file system: a directory of exports, each a regular file of the export's size.
+
+Every handler answers ``getattr``, ``lookup``, ``readdir`` and ``statfs`` from the daemon's
+state (never from the network), so ``ls`` works while a server is slow or gone. Backend
+failures become an errno in one place (:func:`_errno_for`); only ``FUSEError`` leaves a
+handler, since pyfuse3 ends the whole file system on any other exception.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from .blockio import ExportIO
+from .errors import CommandError, NbdError
+from .handshake import Export
+from .names import export_paths
+from .pool import ExportPool
+from .target import Target
+from .tls import TlsConfig
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ATTR_TIMEOUT = 60.0  # the tree changes only on refresh, which invalidates what it changes
+XATTR_PREFIX = b"user.nbd."
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    target: Target
+    tls: TlsConfig
+    readonly: bool = False
+    connections: int = 4
+    cache_size: int = 256 << 20
+    timeout: float = 60.0
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    inode: int
+    name: bytes
+    parent: int
+    export: Export | None = None  # None: a directory
+    children: dict[bytes, Node] = field(default_factory=dict)
+    io: ExportIO | None = None
+
+
+@dataclass(slots=True)
+class Handle:
+    node: Node
+    sync: bool  # O_SYNC / O_DSYNC: writes use FUA (or a flush)
+    writable: bool
+
+
+def _errno_for(exc: BaseException) -> int:
+    """The errno a backend failure becomes. One place, so every handler agrees."""
+    if isinstance(exc, CommandError):
+        return errno.EIO if exc.errno == errno.ESHUTDOWN else exc.errno
+    return errno.EIO
+
+
+def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn every failure into FUSEError (pyfuse3 would end the mount on anything else)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except NbdError as exc:
+            code = _errno_for(exc)
+            log.warning(
+                "%s failed: %s (returning %s)", fn.__name__, exc, errno.errorcode.get(code, code)
+            )
+            raise pyfuse3.FUSEError(code) from None
+        except BaseExceptionGroup as group:
+            match, _ = group.split(NbdError)
+            if match is None:
+                log.exception("%s failed unexpectedly", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            leaf: BaseException = match
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            log.warning("%s failed: %s", fn.__name__, leaf)
+            raise pyfuse3.FUSEError(_errno_for(leaf)) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("%s failed unexpectedly (a bug in nbdfs)", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class NbdFs(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self, config: MountConfig, exports: Sequence[Export], nursery: trio.Nursery
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self._nursery = nursery
+        self._nodes: dict[int, Node] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._mtime_ns = time.time_ns()
+        self._root = self._add(b"", pyfuse3.ROOT_INODE)
+        paths = export_paths(e.name for e in exports)
+        for export in exports:
+            parent = self._root
+            *dirs, leaf = paths[export.name]
+            for d in dirs:
+                key = os.fsencode(d)
+                child = parent.children.get(key)
+                if child is None:
+                    child = self._add(key, parent.inode)
+                    parent.children[key] = child
+                parent = child
+            key = os.fsencode(leaf)
+            parent.children[key] = self._add(key, parent.inode, export)
+
+    def _add(self, name: bytes, parent: int, export: Export | None = None) -> Node:
+        inode = pyfuse3.ROOT_INODE if not self._nodes else max(self._nodes) + 1
+        node = Node(inode, name, parent, export)
+        self._nodes[inode] = node
+        return node
+
+    @property
+    def exports(self) -> list[Node]:
+        return [n for n in self._nodes.values() if n.export is not None]
+
+    def _node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _read_only(self, node: Node) -> bool:
+        return self.config.readonly or (node.export is not None and node.export.read_only)
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.InodeT(node.inode)
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_uid = self.config.uid
+        attr.st_gid = self.config.gid
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mtime_ns
+        if node.export is None:
+            attr.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
+            attr.st_nlink = 2 + sum(1 for c in node.children.values() if c.export is None)
+            attr.st_size = 0
+        else:
+            mode = 0o444 if self._read_only(node) else 0o644
+            attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | mode)
+            attr.st_nlink = 1
+            attr.st_size = node.export.size or 0
+            block = node.export.block_size
+            attr.st_blksize = max(block.preferred if block else 4096, 4096)
+            attr.st_blocks = (attr.st_size + 511) // 512
+        return attr
+
+    def _io(self, node: Node) -> ExportIO:
+        """The export's I/O object; its connections open lazily on the first request."""
+        if node.io is None:
+            assert node.export is not None
+            cfg = self.config
+            pool = ExportPool(
+                cfg.target,
+                node.export.name,
+                cfg.tls,
+                self._nursery,
+                limit=cfg.connections,
+                timeout=cfg.timeout,
+            )
+            node.io = ExportIO(pool, cfg.cache_size, self._nursery)
+        return node.io
+
+    # -- the tree --------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attr(parent)
+        if name == b"..":
+            return self._attr(self._node(parent.parent))
+        child = parent.children.get(bytes(name))
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(child)
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(self._node(inode))
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_size and (node.export is None or attr.st_size != node.export.size):
+            log.info("refusing to resize %r: an export's size is set by the server", node.name)
+            raise pyfuse3.FUSEError(errno.EINVAL if node.export is not None else errno.EISDIR)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attr(node)  # time updates are accepted and not kept
+
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        node = self._node(inode)
+        if node.export is not None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(inode)
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        node = self._node(fh)
+        children = sorted(node.children.values(), key=lambda c: c.name)
+        for i in range(start_id, len(children)):
+            child = children[i]
+            if not pyfuse3.readdir_reply(
+                token, pyfuse3.FileNameT(child.name), self._attr(child), i + 1
+            ):
+                break
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        total = sum(n.export.size or 0 for n in self.exports if n.export is not None)
+        st.f_blocks = (total + 4095) // 4096
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self._nodes)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.export is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and self._read_only(node):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & os.O_TRUNC and node.export.size:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(node, bool(flags & (os.O_SYNC | os.O_DSYNC)), writable)
+        self._io(node)
+        # O_DIRECT (e.g. losetup --direct-io=on) bypasses the kernel's page cache, as asked.
+        return pyfuse3.FileInfo(
+            fh=pyfuse3.FileHandleT(fh), direct_io=bool(flags & os.O_DIRECT), keep_cache=False
+        )
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @_fuse_errors
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        return await self._io(handle.node).read(off, size)
+
+    @_fuse_errors
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        node = handle.node
+        assert node.export is not None
+        size = node.export.size or 0
+        if off >= size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        data = memoryview(buf)[: size - off]  # a write across the end is cut short, like a disk
+        return await self._io(node).write(off, data, fua=handle.sync)
+
+    @_fuse_errors
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        handle = self._handle(fh)
+        await self._io(handle.node).flush()
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        return None  # close() is not fsync(), as on any disk; the kernel calls fsync for that
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._handles.pop(fh, None)
+
+    # -- metadata as extended attributes ------------------------------------------------
+
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        export = node.export
+        if export is None:
+            return {}
+        out = {
+            b"export": export.name.encode(),
+            b"size": str(export.size).encode(),
+            b"read_only": b"1" if export.read_only else b"0",
+            b"flags": " ".join(
+                f.name or "" for f in type(export.flags) if f in export.flags
+            ).encode(),
+            b"server": self.config.target.describe().encode(),
+        }
+        if export.description:
+            out[b"description"] = export.description.encode()
+        if export.block_size:
+            b = export.block_size
+            out[b"block_size"] = f"{b.minimum} {b.preferred} {b.maximum}".encode()
+        return {XATTR_PREFIX + k: v for k, v in out.items()}
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        value = self._xattrs(self._node(inode)).get(bytes(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        return [pyfuse3.XAttrNameT(k) for k in self._xattrs(self._node(inode))]
+
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -- the export list is the server's: no creating, removing or renaming ---------------
+
+    async def create(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def close_all(self) -> None:
+        """Flush and disconnect every export's connections (on unmount)."""
+        async with trio.open_nursery() as nursery:
+            for node in self.exports:
+                if node.io is not None:
+                    nursery.start_soon(node.io.pool.aclose)

@@ -1,0 +1,121 @@
+"""The mount's lifecycle: list exports, mount, serve, and on every exit path unmount.
+
+``run_mount`` is what the daemon runs inside ``trio.run``. It reports readiness (or the
+one-line error that stopped it) through ``ready`` so that ``nbdfs mount`` can go to the
+background only once the mount is really there, as sshfs does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .connection import list_exports, probe_export
+from .errors import NbdError
+from .fs import MountConfig, NbdFs
+from .handshake import Export
+
+log = logging.getLogger(__name__)
+
+PR_SET_IO_FLUSHER = 57
+
+
+class MountError(NbdError):
+    """The mount itself failed (mountpoint, FUSE)."""
+
+
+def set_io_flusher() -> None:
+    """Mark the daemon as an I/O flusher (Linux 5.6+), as loop and nbd helpers should be.
+
+    Memory reclaim may need to write pages of a loop device that sits on our mount; an I/O
+    flusher gets PF_MEMALLOC_NOIO, so its own allocations never wait for that writeback,
+    which is the deadlock libnbd warns nbdfuse users about.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        log.info(
+            "PR_SET_IO_FLUSHER not available (%s); loop devices on this mount are"
+            " safest with --direct-io=on",
+            os.strerror(err),
+        )
+
+
+async def discover(config: MountConfig) -> list[Export]:
+    """The exports to show: the one the TARGET names, or every export the server lists."""
+    target, tls = config.target, config.tls
+    listing = await list_exports(target, tls, target.export)
+    exports = []
+    for export in listing.exports:
+        if export.tls_required:
+            log.warning("export %r requires TLS; not shown (mount with --tls=require)", export.name)
+            continue
+        if export.size is None:  # a server without NBD_OPT_INFO: ask GO
+            export = (await probe_export(target, tls, export.name)).export
+        exports.append(export)
+    return exports
+
+
+def fuse_options(config: MountConfig, extra: set[str], target_text: str) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.add("fsname=nbdfs")
+    opts.add("subtype=nbdfs")
+    if config.readonly:
+        opts.add("ro")
+    opts |= extra
+    return opts
+
+
+async def run_mount(
+    config: MountConfig,
+    mountpoint: str,
+    options: set[str],
+    ready: Callable[[str | None], None],
+) -> None:
+    """Discover, mount, report readiness, serve until unmounted or signalled, clean up."""
+    try:
+        exports = await discover(config)
+    except NbdError as exc:
+        ready(str(exc))
+        return
+    if not exports:
+        ready("the server offers no exports to mount")
+        return
+    async with trio.open_nursery() as nursery:
+        fs = NbdFs(config, exports, nursery)
+        try:
+            pyfuse3.init(fs, mountpoint, options)
+        except RuntimeError as exc:
+            ready(f"cannot mount on {mountpoint}: {exc}")
+            nursery.cancel_scope.cancel()
+            return
+        log.info(
+            "mounted %d export(s) of %s on %s", len(exports), config.target.describe(), mountpoint
+        )
+        unmount = False
+        try:
+            ready(None)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+                async def on_signal() -> None:
+                    nonlocal unmount
+                    async for sig in signals:
+                        log.info("signal %d: flushing and unmounting", sig)
+                        unmount = True
+                        pyfuse3.terminate()
+                        return
+
+                nursery.start_soon(on_signal)
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+        finally:
+            with trio.CancelScope(shield=True):
+                await fs.close_all()
+            pyfuse3.close(unmount=unmount)
+            nursery.cancel_scope.cancel()
+            log.info("unmounted %s", mountpoint)
