@@ -271,8 +271,9 @@ class NbdFs(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and self._read_only(node):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if flags & os.O_TRUNC and node.export.size:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        # O_TRUNC is ignored, as a block device ignores it: `cp img FILE` or `dd of=FILE`
+        # overwrite the start of the export and leave the rest. An explicit truncate to
+        # another size is refused in setattr.
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(node, bool(flags & (os.O_SYNC | os.O_DSYNC)), writable)
