@@ -64,7 +64,7 @@ async def discover(config: MountConfig) -> list[Export]:
 
 def fuse_options(config: MountConfig, extra: set[str], target_text: str) -> set[str]:
     opts = set(pyfuse3.default_options)
-    opts.add("fsname=nbdfs")
+    opts.add("fsname=" + target_text.replace("\\", "\\\\").replace(",", "\\,"))
     opts.add("subtype=nbdfs")
     if config.readonly:
         opts.add("ro")

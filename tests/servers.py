@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -82,14 +83,29 @@ class Server:
 
 
 @contextlib.contextmanager
-def _popen(cmd: Sequence[str], port: int) -> Iterator[Server]:
+def _popen(cmd: Sequence[str], port: int, pidfile: Path | None = None) -> Iterator[Server]:
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     server = Server(port, proc)
     try:
-        wait_listening(port, proc)
+        if pidfile is None:
+            wait_listening(port, proc)
+        else:
+            wait_pidfile(pidfile, proc)
         yield server
     finally:
         server.kill()
+
+
+def wait_pidfile(pidfile: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """nbdkit writes its -P file once it accepts connections; no probe connection needed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        if pidfile.exists() and pidfile.read_text().strip():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"server not ready after {timeout}s")
 
 
 @contextlib.contextmanager
@@ -97,9 +113,22 @@ def nbdkit(*args: str, port: int | None = None) -> Iterator[Server]:
     """``nbdkit PLUGIN ARGS...`` in the foreground on 127.0.0.1."""
     exe = require_tool("nbdkit")
     port = port or free_port()
-    cmd = [exe, "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), *args]
-    with _popen(cmd, port) as server:
-        yield server
+    with tempfile.TemporaryDirectory() as tmp:
+        pidfile = Path(tmp) / "nbdkit.pid"
+        cmd = [
+            exe,
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-P",
+            str(pidfile),
+            *args,
+        ]
+        with _popen(cmd, port, pidfile) as server:
+            yield server
 
 
 @contextlib.contextmanager

@@ -272,3 +272,33 @@ def test_sigterm_flushes_unmounts_and_exits_zero(tmp: Path) -> None:
                 if proc.poll() is None:
                     proc.kill()
                 subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
+def test_a_uri_naming_one_export_mounts_just_that_one(tmp: Path) -> None:
+    exports = tmp / "exports"
+    exports.mkdir()
+    for name in ("a", "b c"):
+        (exports / name).write_bytes(name.encode() * 512)
+    with nbdkit("file", f"dir={exports}") as srv, mounted(srv.uri("b c"), tmp / "mnt") as mnt:
+        assert os.listdir(mnt) == ["b c"]
+        assert (mnt / "b c").read_bytes() == b"b c" * 512
+    with open("/proc/self/mounts") as f:
+        assert str(tmp / "mnt") not in f.read()
+
+
+def test_a_killed_daemon_leaves_no_dead_mountpoint(tmp: Path) -> None:
+    """auto_unmount: SIGKILL the daemon and the kernel mount goes away with it."""
+    with nbdkit("memory", "1M") as srv, mounted(srv.address, tmp / "mnt") as mnt:
+        pids = subprocess.run(
+            ["pgrep", "-f", f"nbdfs mount .* {mnt}$"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(pids) == 1
+        os.kill(int(pids[0]), 9)
+        for _ in range(100):
+            with open("/proc/self/mounts") as f:
+                if str(mnt) not in f.read():
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the mountpoint outlived its daemon")
+        assert os.listdir(mnt) == []
