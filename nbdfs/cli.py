@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import trio
 
@@ -151,7 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_options(p_mount)
     _add_common(p_mount)
     p_mount.set_defaults(func=cmd_mount)
+
+    p_tls = sub.add_parser(
+        "tls-init",
+        help="create a CA, a server and a client certificate for NBD over TLS",
+        description="Create, in DIR, a private CA with a server certificate for the given host"
+        " names or addresses and a client certificate, in the layout nbdkit, qemu-nbd, libnbd"
+        " and nbdfs use (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,"
+        " client-key.pem; keys are mode 0600). Prints how to start each server with them.",
+        epilog="Example:\n  nbdfs tls-init ~/nbd-pki --host nas.example --host 192.0.2.7\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_tls.add_argument("directory", metavar="DIR")
+    p_tls.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a host name or IP address clients use for the server (repeat for more)",
+    )
+    p_tls.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    p_tls.add_argument(
+        "--client-name", default="nbdfs-client", help="the client certificate's common name"
+    )
+    _add_common(p_tls)
+    p_tls.set_defaults(func=cmd_tls_init)
     return parser
+
+
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    from . import pki
+
+    created = pki.create(Path(args.directory).expanduser(), args.host, args.days, args.client_name)
+    print(pki.server_commands(created), end="")
+    return EXIT_OK
 
 
 def tls_config(args: argparse.Namespace, target: Target) -> TlsConfig:

@@ -149,8 +149,7 @@ async def _start_tls(
         if isinstance(cause, ssl.SSLError):
             raise TlsError(describe_ssl_error(cause)) from None
         raise TlsError("server closed the connection during the TLS handshake") from None
-    version = ssl_stream.version()
-    log.info("TLS handshake with %s done (%s)", target.describe(), version)
+    log.info("TLS with %s: %s, %s", target.describe(), ssl_stream.version(), ssl_stream.cipher()[0])
     return ssl_stream
 
 
@@ -160,16 +159,36 @@ async def _handshake(
     make_steps: Callable[[Handshake], Generator[Action, bytes | None, T]],
 ) -> tuple[trio.abc.Stream, T]:
     stream: trio.abc.Stream = await open_stream(target)
+    handshake = Handshake(tls.mode)
     try:
-        return await drive(stream, make_steps(Handshake(tls.mode)), tls, target)
+        return await drive(stream, make_steps(handshake), tls, target)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await trio.aclose_forcefully(stream)
+        if handshake.tls_active:
+            raise TlsError(_after_tls_failure(exc, tls)) from None
         raise ConnectError(
             f"connection to {target.describe()} broke during the handshake: {exc}"
         ) from None
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+
+
+def _after_tls_failure(exc: BaseException, tls: TlsConfig) -> str:
+    """Why a server hangs up right after TLS is set up: with TLS 1.3 a refused (or missing)
+    client certificate is only reported then, if at all."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" not in str(cause):
+        return describe_ssl_error(cause)
+    if not tls.has_client_certificate:
+        return (
+            "server closed the connection after TLS was set up: it demands a client certificate;"
+            " put client-cert.pem and client-key.pem in the --tls-certificates DIR"
+        )
+    return (
+        "server closed the connection after TLS was set up: it does not accept our client"
+        " certificate (is its CA in the server's trust list?)"
+    )
 
 
 async def list_exports(target: Target, tls: TlsConfig, name: str | None = None) -> Listing:

@@ -328,7 +328,6 @@ class Handshake:
             yield StartTls()
             self.tls_active = True
             self._can_abort = True
-            log.info("TLS established")
             return
         why = f"{_rep_name(reply.rep)}{self._message_suffix(reply)}"
         if self.tls_mode is TlsMode.REQUIRE:

@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 
 from .connection import list_exports, probe_export
-from .errors import NbdError
+from .errors import NbdError, TlsError
 from .fs import MountConfig, NbdFs
 from .handshake import Export
 
@@ -54,6 +54,11 @@ async def discover(config: MountConfig) -> list[Export]:
     exports = []
     for export in listing.exports:
         if export.tls_required:
+            if target.export is not None:
+                raise TlsError(
+                    f"server requires TLS for export {export.name!r}; use --tls=require (or an"
+                    " nbds:// URI) with --tls-certificates DIR"
+                )
             log.warning("export %r requires TLS; not shown (mount with --tls=require)", export.name)
             continue
         if export.size is None:  # a server without NBD_OPT_INFO: ask GO

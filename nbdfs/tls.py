@@ -28,10 +28,17 @@ class TlsConfig:
     _context: ssl.SSLContext | None = field(default=None, repr=False)
 
     def context(self) -> ssl.SSLContext:
-        """The client context, built once and shared so TLS sessions can be reused."""
+        """The client context, built once and shared by every connection."""
         if self._context is None:
             self._context = client_context(self.certificates, self.verify_peer)
         return self._context
+
+    @property
+    def has_client_certificate(self) -> bool:
+        d = self.certificates
+        return d is not None and all(
+            os.path.exists(os.path.join(d, f)) for f in ("client-cert.pem", "client-key.pem")
+        )
 
 
 def client_context(certificates: str | None, verify_peer: bool) -> ssl.SSLContext:
