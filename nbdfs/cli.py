@@ -60,6 +60,14 @@ def _add_tls_options(parser: argparse.ArgumentParser) -> None:
         " default: the system trust store",
     )
     group.add_argument(
+        "--tls-psk",
+        metavar="FILE",
+        help="use a pre-shared key from FILE (username:hexkey lines, as nbdkit and qemu use)",
+    )
+    group.add_argument(
+        "--tls-username", metavar="NAME", help="which PSK user (default: your user name)"
+    )
+    group.add_argument(
         "--no-tls-verify-peer",
         action="store_true",
         help="do not check the server's certificate (for tests only: allows impersonation)",
@@ -201,12 +209,17 @@ def tls_config(args: argparse.Namespace, target: Target) -> TlsConfig:
     verify = not args.no_tls_verify_peer
     if target.tls_verify_peer is not None:
         verify = verify and target.tls_verify_peer
-    return TlsConfig(
+    config = TlsConfig(
         mode=mode,
         certificates=args.tls_certificates or target.tls_certificates,
         verify_peer=verify,
         hostname=target.tls_hostname,
+        psk_file=args.tls_psk or target.tls_psk_file,
+        username=args.tls_username or target.tls_username,
     )
+    if mode is not TlsMode.DISABLE:
+        config.context()  # a missing or unreadable file is reported before connecting
+    return config
 
 
 def human_size(n: int) -> str:

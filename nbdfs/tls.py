@@ -8,9 +8,11 @@ used. TLS 1.2 is the minimum ("TLS versions").
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import ssl
+import sys
 from dataclasses import dataclass, field
 
 from .errors import TlsError
@@ -25,12 +27,16 @@ class TlsConfig:
     certificates: str | None = None
     verify_peer: bool = True
     hostname: str | None = None  # the name the certificate must carry
+    psk_file: str | None = None  # "username:hexkey" lines, as nbdkit and qemu read them
+    username: str | None = None  # which line of psk_file; default: the local user name
     _context: ssl.SSLContext | None = field(default=None, repr=False)
 
     def context(self) -> ssl.SSLContext:
         """The client context, built once and shared by every connection."""
         if self._context is None:
             self._context = client_context(self.certificates, self.verify_peer)
+            if self.psk_file is not None:
+                _use_psk(self._context, self.psk_file, self.username)
         return self._context
 
     @property
@@ -74,6 +80,41 @@ def client_context(certificates: str | None, verify_peer: bool) -> ssl.SSLContex
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def read_psk(path: str, username: str | None) -> tuple[str, bytes]:
+    """The identity and key for ``username`` from a ``username:hexkey`` file."""
+    user = username or getpass.getuser()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise TlsError(f"cannot read the PSK file {path}: {exc.strerror}") from None
+    for line in lines:
+        name, sep, key = line.strip().partition(":")
+        if sep and name == user:
+            try:
+                return name, bytes.fromhex(key)
+            except ValueError:
+                raise TlsError(f"the PSK for {name!r} in {path} is not hexadecimal") from None
+    raise TlsError(f"{path} has no key for user {user!r}; set tls-username or --tls-username")
+
+
+def _use_psk(ctx: ssl.SSLContext, path: str, username: str | None) -> None:
+    """TLS-PSK via the ssl API of Python 3.13+ (3.11's ssl has none).
+
+    Certificate checking stays on: if the server declines the PSK and offers a certificate
+    instead, that certificate must still verify, so a declined PSK never silently becomes
+    an unauthenticated session.
+    """
+    identity, key = read_psk(path, username)
+    setter = getattr(ctx, "set_psk_client_callback", None)
+    if setter is None:
+        raise TlsError(
+            f"TLS-PSK needs Python 3.13 or newer (this is {sys.version.split()[0]}); use X.509"
+            " certificates (nbdfs tls-init) instead"
+        )
+    setter(lambda hint: (identity, key))
 
 
 def describe_ssl_error(exc: BaseException) -> str:
