@@ -33,20 +33,25 @@ class ReadFailed(NbdError):
 
 
 class RangeLock:
-    """Shared/exclusive locks on byte ranges (writes share; read-modify-write excludes)."""
+    """Exclusive locks on byte ranges: overlapping writes run one after the other.
+
+    That keeps read-modify-write atomic, and it means a write sent again after a lost
+    connection can never land after a newer write to the same bytes.
+    """
 
     def __init__(self) -> None:
-        self._held: list[tuple[int, int, bool]] = []
+        self._held: list[tuple[int, int]] = []
         self._changed = trio.Event()
 
-    def _conflicts(self, start: int, end: int, exclusive: bool) -> bool:
-        return any(s < end and start < e and (exclusive or x) for s, e, x in self._held)
+    def _conflicts(self, start: int, end: int) -> bool:
+        return any(s < end and start < e for s, e in self._held)
 
     @contextlib.asynccontextmanager
-    async def hold(self, start: int, end: int, exclusive: bool) -> AsyncIterator[None]:
-        while self._conflicts(start, end, exclusive):
-            await self._changed.wait()
-        entry = (start, end, exclusive)
+    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
+        while self._conflicts(start, end):
+            changed = self._changed
+            await changed.wait()
+        entry = (start, end)
         self._held.append(entry)
         try:
             yield
@@ -188,7 +193,7 @@ class ExportIO:
         try:
             if aligned_end > self.size:
                 raise ReadFailed("the export's size is not a multiple of its minimum block")
-            data = await self.pool.run(lambda c: c.read(start, aligned_end - start), retry=True)
+            data = await self.pool.run(lambda c: c.read(start, aligned_end - start))
             self.pool.stats.bytes_read += len(data)
         except NbdError as exc:
             log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
@@ -204,7 +209,7 @@ class ExportIO:
         pieces: dict[int, bytes | bytearray] = {}
 
         async def one(start: int, length: int) -> None:
-            pieces[start] = await self.pool.run(lambda c: c.read(start, length), retry=True)
+            pieces[start] = await self.pool.run(lambda c: c.read(start, length))
             self.pool.stats.bytes_read += length
 
         await _concurrently(
@@ -220,17 +225,15 @@ class ExportIO:
         await self._setup()
         end = offset + len(data)
         assert end <= self.size
-        if self.minimum == 1:
-            await self._write_aligned(offset, data, fua)
-        elif offset % self.minimum or end % self.minimum:
+        if offset % self.minimum or end % self.minimum:
             a0 = offset - offset % self.minimum
             a1 = end + (-end % self.minimum)
-            async with self._ranges.hold(a0, a1, exclusive=True):
+            async with self._ranges.hold(a0, a1):
                 head = await self.read(a0, offset - a0) if offset > a0 else b""
                 tail = await self.read(end, a1 - end) if a1 > end else b""
                 await self._write_aligned(a0, b"".join((head, data, tail)), fua)
         else:
-            async with self._ranges.hold(offset, end, exclusive=False):
+            async with self._ranges.hold(offset, end):
                 await self._write_aligned(offset, data, fua)
         return len(data)
 
@@ -269,7 +272,9 @@ class ExportIO:
             self.cache.end_write(started, updates, ok)
 
     async def _write_piece(self, start: int, piece: memoryview, fua: bool) -> None:
-        await self.pool.run(lambda c: c.write(start, piece, fua), writes=True)
+        await self.pool.run(
+            lambda c: c.write(start, piece, fua), journal=None if fua else (start, piece)
+        )
         self.pool.stats.bytes_written += len(piece)
 
     async def flush(self) -> None:

@@ -49,7 +49,9 @@ T = TypeVar("T")
 _RECEIVE_SIZE = 1 << 18
 
 
-async def open_stream(target: Target) -> trio.abc.HalfCloseableStream:
+async def open_stream(
+    target: Target, user_timeout: float | None = None
+) -> trio.abc.HalfCloseableStream:
     """Connect a TCP or Unix socket to the server.
 
     Raises:
@@ -81,17 +83,20 @@ async def open_stream(target: Target) -> trio.abc.HalfCloseableStream:
             (exc.strerror or str(exc)) if code is None else errno.errorcode.get(code, str(code))
         )
         raise ConnectError(f"cannot connect to {where}: {reason}") from None
-    _tune_socket(stream.socket)
+    _tune_socket(stream.socket, user_timeout)
     return stream
 
 
-def _tune_socket(sock: trio.socket.SocketType) -> None:
-    """Keepalive and a user timeout, so a peer that vanished is noticed within minutes."""
+def _tune_socket(sock: trio.socket.SocketType, user_timeout: float | None) -> None:
+    """Keepalive, and TCP_USER_TIMEOUT so unacknowledged data to a vanished peer fails the
+    connection instead of waiting out TCP's retransmissions (about 15 minutes)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 15)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        if user_timeout is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
     except OSError:  # pragma: no cover - not every platform has all of these
         pass
 
@@ -157,8 +162,9 @@ async def _handshake(
     target: Target,
     tls: TlsConfig,
     make_steps: Callable[[Handshake], Generator[Action, bytes | None, T]],
+    user_timeout: float | None = None,
 ) -> tuple[trio.abc.Stream, T]:
-    stream: trio.abc.Stream = await open_stream(target)
+    stream: trio.abc.Stream = await open_stream(target, user_timeout)
     handshake = Handshake(tls.mode)
     try:
         return await drive(stream, make_steps(handshake), tls, target)
@@ -255,10 +261,15 @@ class Connection:
 
     @classmethod
     async def open(
-        cls, target: Target, export: str, tls: TlsConfig, nursery: trio.Nursery
+        cls,
+        target: Target,
+        export: str,
+        tls: TlsConfig,
+        nursery: trio.Nursery,
+        user_timeout: float | None = None,
     ) -> Connection:
         """Connect and negotiate ``export``; its reader task runs in ``nursery``."""
-        stream, session = await _handshake(target, tls, lambda hs: hs.go(export))
+        stream, session = await _handshake(target, tls, lambda hs: hs.go(export), user_timeout)
         conn = cls(stream, session, target)
         nursery.start_soon(conn.run_reader)
         log.info(
@@ -366,6 +377,9 @@ class Connection:
         if waiter.error is not None:
             raise waiter.error
         assert waiter.reply is not None
+        if waiter.reply.error == Errno.ESHUTDOWN:
+            # The server did not run it; the caller may send it again on a new connection.
+            raise ConnectionLost(f"server {self.target.describe()} is shutting down")
         if waiter.reply.error:
             raise CommandError(waiter.reply.error, waiter.reply.message)
         return waiter.reply

@@ -1,21 +1,28 @@
-"""Connections to one export: opened lazily, spread over only when the server allows it.
+"""Connections to one export: opened lazily, re-established after a loss, nothing dropped.
 
 Decisions are made synchronously (which connection, whether to open one) and I/O is done
-outside them, as in httpcore's pool. Rules:
+outside them, as in httpcore's pool. The rules:
 
 * Up to ``limit`` connections, but just one unless the export advertises
   NBD_FLAG_CAN_MULTI_CONN ("In the absence of this flag, clients SHOULD NOT multiplex their
-  commands over more than one connection").
-* A request goes to the usable connection with the fewest requests in flight; a new
-  connection is opened only when every open one is busy.
-* Every connection that carried a write since the last flush is *dirty*; :meth:`flush`
-  sends NBD_CMD_FLUSH on each of them. If a dirty connection is lost before its flush, the
-  next flush fails with EIO: its writes may not be on stable storage, and we never report
-  an fsync that did not happen.
+  commands over more than one connection"). A request goes to the usable connection with
+  the fewest requests in flight; another connection opens only when all are busy.
+* **Every request waits at most ``timeout`` seconds**, for a connection (re-connecting with
+  backoff while the server is away) and for its reply. A connection that let a request time
+  out is dropped, since the server may be stalled; the caller gets EIO and the next request
+  tries again.
+* **A request whose connection was lost is sent again** on a new one: reads and writes alike
+  (a write to the same bytes never overtakes it, since :mod:`nbdfs.blockio` serializes
+  overlapping writes). NBD_ESHUTDOWN counts as a lost connection (the server did not run the
+  request), after the soft disconnect the spec demands.
+* **Acknowledged writes are kept until a flush covers them** (the *journal*). If a
+  connection that carried writes is lost, the server may have lost them too (a restart
+  drops its volatile cache), so before anything else runs the journal is written again, in
+  the order the server acknowledged it, and flushed. Only then is that data forgotten.
+  While a replay cannot happen, fsync fails with EIO: we never report a flush that did not
+  happen. The journal is bounded: past ``journal_limit`` bytes a flush is forced.
 * Every new connection must find the export as the first one did (size, flags, block
-  sizes); otherwise a different disk is behind the same name and I/O fails.
-* Each request waits at most ``timeout`` seconds (for a connection, for its reply); a
-  connection that let a request time out is dropped, since it may be stalled.
+  sizes); otherwise a different disk is behind the name and I/O fails with EIO.
 * Connections idle for ``idle_timeout`` seconds are flushed and closed.
 """
 
@@ -29,7 +36,7 @@ from typing import TypeVar
 import trio
 
 from .connection import Connection
-from .errors import ConnectionLost, NbdError
+from .errors import ConnectError, ConnectionLost, ExportNotFound, NbdError, TlsError
 from .handshake import Export
 from .target import Target
 from .tls import TlsConfig
@@ -37,6 +44,9 @@ from .wire import TransmissionFlag
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+JOURNAL_LIMIT = 64 << 20  # unflushed bytes kept for replay before a flush is forced
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0  # seconds between reconnection attempts
 
 
 class RequestTimeout(NbdError):
@@ -52,19 +62,29 @@ class Stats:
     """Counters for ``nbdfs status`` and the logs."""
 
     connects: int = 0
+    reconnects: int = 0
     requests: int = 0
+    retries: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0
     timeouts: int = 0
     lost: int = 0
     flushes: int = 0
+    replays: int = 0
 
 
 def _identity(export: Export) -> tuple[object, ...]:
     # ROTATIONAL and the like may legitimately differ; what data means must not.
     relevant = TransmissionFlag.READ_ONLY | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
     return export.size, export.flags & relevant, export.block_size
+
+
+def _transient(exc: NbdError) -> bool:
+    """Worth reconnecting for: the server may come back. Not: it said no."""
+    return isinstance(exc, (ConnectError, ConnectionLost)) and not isinstance(
+        exc, (ExportNotFound, TlsError)
+    )
 
 
 class ExportPool:
@@ -78,6 +98,7 @@ class ExportPool:
         limit: int = 4,
         timeout: float = 60.0,
         idle_timeout: float = 30.0,
+        journal_limit: int = JOURNAL_LIMIT,
     ) -> None:
         self.target = target
         self.name = name
@@ -85,15 +106,22 @@ class ExportPool:
         self.limit = max(1, limit)
         self.timeout = timeout
         self.idle_timeout = idle_timeout
+        self.journal_limit = journal_limit
         self.export: Export | None = None
         self.stats = Stats()
         self._nursery = nursery
         self._conns: list[Connection] = []
         self._last_used: dict[Connection, float] = {}
         self._opening = 0
-        self._changed = trio.Event()  # set whenever a connection opens, fails or is dropped
+        self._changed = trio.Event()  # set whenever a connection opens or fails to
         self._dirty: set[Connection] = set()
-        self._lost_unflushed = False
+        self._journal: list[tuple[int, bytes | memoryview]] = []
+        self._journal_bytes = 0
+        self._need_replay = False
+        self._replay_lock = trio.Lock()
+        self._flush_lock = trio.Lock()
+        self._busy = 0  # requests between choosing a connection and their outcome
+        self._idle = trio.Event()
         self._closed = False
         self._reaper_started = False
 
@@ -103,10 +131,15 @@ class ExportPool:
     def connections(self) -> int:
         return len(self._conns)
 
+    @property
+    def unflushed(self) -> int:
+        """Bytes acknowledged by the server but not yet covered by a flush."""
+        return self._journal_bytes
+
     def _max_connections(self) -> int:
-        if self.export is not None and not self.export.flags & TransmissionFlag.CAN_MULTI_CONN:
-            return 1
-        return self.limit if self.export is not None else 1  # learn the flags first
+        if self.export is None or not self.export.flags & TransmissionFlag.CAN_MULTI_CONN:
+            return 1  # (the first connection tells us the flags)
+        return self.limit
 
     def _prune(self) -> None:
         for conn in [c for c in self._conns if not c.usable]:
@@ -114,31 +147,64 @@ class ExportPool:
             self._last_used.pop(conn, None)
             if conn in self._dirty:
                 self._dirty.discard(conn)
-                self._lost_unflushed = True
-                log.warning("export %r: a connection with unflushed writes was lost", self.name)
+                if self._journal:
+                    self._need_replay = True
+                    log.warning(
+                        "export %r: lost a connection with %d unflushed bytes; they will be"
+                        " written again once reconnected",
+                        self.name,
+                        self._journal_bytes,
+                    )
             self.stats.lost += 1
             self._nursery.start_soon(conn.aclose)
 
     async def _get(self) -> Connection:
+        backoff = BACKOFF_MIN
         while True:
             if self._closed:
                 raise ConnectionLost("the mount is shutting down")
             self._prune()
+            if self._need_replay:
+                try:
+                    await self._replay()
+                except NbdError as exc:
+                    if not _transient(exc) or self._closed:
+                        raise
+                    log.info(
+                        "export %r: replay interrupted (%s); retrying in %.2fs",
+                        self.name,
+                        exc,
+                        backoff,
+                    )
+                    self._prune()
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
             best = min(self._conns, key=lambda c: c.in_flight, default=None)
-            if best is not None and (
-                best.in_flight == 0 or len(self._conns) + self._opening >= self._max_connections()
-            ):
+            room = len(self._conns) + self._opening < self._max_connections()
+            if best is not None and (best.in_flight == 0 or not room):
                 return best
-            if len(self._conns) + self._opening < self._max_connections():
+            if not room:  # the first connection is still opening; wait for it
+                changed = self._changed
+                await changed.wait()
+                continue
+            try:
                 return await self._open()
-            # Only the first connection is still opening; wait for it.
-            changed = self._changed
-            await changed.wait()
+            except NbdError as exc:
+                if not _transient(exc) or self._closed:
+                    raise
+                log.info(
+                    "export %r: cannot connect (%s); retrying in %.2fs", self.name, exc, backoff
+                )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _open(self) -> Connection:
         self._opening += 1
         try:
-            conn = await Connection.open(self.target, self.name, self.tls, self._nursery)
+            conn = await Connection.open(
+                self.target, self.name, self.tls, self._nursery, user_timeout=self.timeout
+            )
         finally:
             self._opening -= 1
             self._changed.set()
@@ -147,11 +213,14 @@ class ExportPool:
             self.export = conn.export
         elif _identity(conn.export) != _identity(self.export):
             self._nursery.start_soon(conn.aclose)
+            log.error("export %r changed on the server; refusing I/O", self.name)
             raise ExportChanged(
                 f"export {self.name!r} changed on the server (was {self.export.size} bytes, flags"
                 f" {int(self.export.flags):#x}; now {conn.export.size}, {int(conn.export.flags):#x});"
                 " refusing I/O: remount to use the new one"
             )
+        else:
+            self.stats.reconnects += 1
         self.stats.connects += 1
         self._conns.append(conn)
         self._last_used[conn] = trio.current_time()
@@ -162,41 +231,58 @@ class ExportPool:
 
     async def ensure_connected(self) -> Export:
         """Open the first connection if none is open, and return what GO said."""
-        await self.run(lambda conn: _noop())
+        await self.run(_noop)
         assert self.export is not None
         return self.export
 
     # -- requests --------------------------------------------------------------------------
 
     async def run(
-        self, op: Callable[[Connection], Awaitable[T]], *, writes: bool = False, retry: bool = False
+        self,
+        op: Callable[[Connection], Awaitable[T]],
+        *,
+        journal: tuple[int, bytes | memoryview] | None = None,
     ) -> T:
-        """Run ``op`` on a connection within the timeout.
+        """Run ``op`` on a connection, again on a new one if the connection is lost.
 
         Args:
-            writes: the op writes data; its connection becomes dirty once it succeeds.
-            retry: the op is idempotent; a lost connection is retried once on another.
+            journal: ``(offset, data)`` of a write: once acknowledged it is kept for replay
+                until a flush covers it (and its connection becomes dirty).
+
+        Raises:
+            RequestTimeout: no outcome within the timeout (the caller sees EIO).
+            NbdError: the server answered with an error, or refused us for good.
         """
         self.stats.requests += 1
         conn: Connection | None = None
         try:
             with trio.fail_after(self.timeout):
-                for attempt in range(2 if retry else 1):
+                backoff = BACKOFF_MIN
+                while True:
                     conn = await self._get()
+                    self._busy += 1
                     try:
                         result = await op(conn)
-                    except ConnectionLost:
+                        self._last_used[conn] = trio.current_time()
+                        if journal is not None:
+                            self._dirty.add(conn)
+                            self._journal.append(journal)
+                            self._journal_bytes += len(journal[1])
+                        break
+                    except ConnectionLost as exc:
+                        self.stats.retries += 1
+                        log.info("export %r: %s; sending the request again", self.name, exc)
                         self._prune()
-                        if attempt or not retry:
-                            raise
-                        continue
-                    self._last_used[conn] = trio.current_time()
-                    if writes:
-                        self._dirty.add(conn)
-                    return result
+                    finally:
+                        self._busy -= 1
+                        if self._busy == 0:
+                            self._idle.set()
+                            self._idle = trio.Event()
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
         except trio.TooSlowError:
             self.stats.timeouts += 1
-            if conn is not None and conn in self._conns:
+            if conn is not None and conn in self._conns and conn.in_flight:
                 log.warning(
                     "export %r: no reply within %gs; dropping the connection",
                     self.name,
@@ -210,47 +296,83 @@ class ExportPool:
         except NbdError:
             self.stats.errors += 1
             raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        if self._journal_bytes > self.journal_limit and not self._flush_lock.locked():
+            await self.flush()
+        return result
+
+    async def _replay(self) -> None:
+        """Write the journal again on a fresh connection, in order, then flush it."""
+        async with self._replay_lock:
+            if not self._need_replay:
+                return
+            while self._busy:  # let requests already sent finish (or fail) first
+                idle = self._idle
+                await idle.wait()
+            self._prune()
+            conn = self._conns[0] if self._conns else await self._open()
+            entries = list(self._journal)
+            log.info(
+                "export %r: replaying %d unflushed writes (%d bytes)",
+                self.name,
+                len(entries),
+                self._journal_bytes,
+            )
+            for offset, data in entries:
+                await conn.write(offset, data)
+            if self.export is not None and self.export.flags & TransmissionFlag.SEND_FLUSH:
+                await conn.flush()
+            del self._journal[: len(entries)]
+            self._journal_bytes = sum(len(d) for _, d in self._journal)
+            self._dirty.clear()
+            self._need_replay = False
+            self.stats.replays += 1
 
     async def flush(self) -> None:
-        """NBD_CMD_FLUSH on every connection that wrote since the last flush.
+        """Make every acknowledged write durable: NBD_CMD_FLUSH on each connection that wrote.
 
         Raises:
-            ConnectionLost: a connection with unflushed writes was lost (data may be gone).
+            RequestTimeout: the server could not be reached (or did not answer) in time;
+                the writes stay in the journal and the next flush tries again.
         """
-        self._prune()
-        if self._lost_unflushed:
-            self._lost_unflushed = False
-            raise ConnectionLost(
-                "a connection with unflushed writes was lost; data may not be on stable storage"
-            )
+        async with self._flush_lock:
+            try:
+                with trio.fail_after(self.timeout):
+                    while True:
+                        self._prune()
+                        if self._need_replay:
+                            await self._get()  # replays (and flushes) before returning
+                            continue
+                        if self._try_flush_done():
+                            return
+                        mark = len(self._journal)
+                        dirty = list(self._dirty)
+                        self._dirty.difference_update(dirty)
+                        try:
+                            for conn in dirty:
+                                await conn.flush()
+                                self.stats.flushes += 1
+                        except ConnectionLost:
+                            self._dirty.update(c for c in dirty if c.usable)
+                            self._prune()
+                            continue
+                        del self._journal[:mark]
+                        self._journal_bytes = sum(len(d) for _, d in self._journal)
+                        return
+            except trio.TooSlowError:
+                self.stats.timeouts += 1
+                raise RequestTimeout(
+                    f"export {self.name!r}: could not flush within {self.timeout}s; the data is"
+                    " kept and the next fsync tries again"
+                ) from None
+
+    def _try_flush_done(self) -> bool:
+        """Nothing to flush, or no way to (the export has no NBD_CMD_FLUSH)."""
         if self.export is None or not self.export.flags & TransmissionFlag.SEND_FLUSH:
             self._dirty.clear()
-            return
-        dirty = list(self._dirty)
-        for conn in dirty:
-            self._dirty.discard(conn)
-        try:
-            async with trio.open_nursery() as nursery:
-                for conn in dirty:
-                    nursery.start_soon(self._flush_one, conn)
-        except BaseExceptionGroup as group:
-            self._dirty.update(c for c in dirty if c.usable)
-            first = group.exceptions[0]
-            if isinstance(first, NbdError):
-                raise first from None
-            raise
-
-    async def _flush_one(self, conn: Connection) -> None:
-        try:
-            with trio.fail_after(self.timeout):
-                await conn.flush()
-            self.stats.flushes += 1
-        except trio.TooSlowError:
-            conn.mark_broken(RequestTimeout("flush timed out"))
-            raise RequestTimeout(
-                f"export {self.name!r}: flush got no answer within {self.timeout}s"
-            ) from None
+            self._journal.clear()
+            self._journal_bytes = 0
+            return True
+        return not self._dirty and not self._journal
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -260,28 +382,32 @@ class ExportPool:
             now = trio.current_time()
             for conn in list(self._conns):
                 idle = now - self._last_used.get(conn, now)
-                if conn.in_flight == 0 and idle >= self.idle_timeout and conn.usable:
-                    if conn in self._dirty:
-                        try:
-                            await self.flush()
-                        except NbdError as exc:
-                            log.warning(
-                                "export %r: flush before idle close failed: %s", self.name, exc
-                            )
-                            continue
-                    if conn.in_flight == 0 and conn in self._conns:
-                        self._conns.remove(conn)
-                        self._last_used.pop(conn, None)
-                        log.info("export %r: closing a connection idle for %.0fs", self.name, idle)
-                        await conn.aclose()
+                if conn.in_flight or idle < self.idle_timeout or not conn.usable:
+                    continue
+                if conn in self._dirty:
+                    try:
+                        await self.flush()
+                    except NbdError as exc:
+                        log.warning("export %r: flush before idle close failed: %s", self.name, exc)
+                        continue
+                if conn.in_flight == 0 and conn in self._conns and conn not in self._dirty:
+                    self._conns.remove(conn)
+                    self._last_used.pop(conn, None)
+                    log.info("export %r: closing a connection idle for %.0fs", self.name, idle)
+                    await conn.aclose()
 
     async def aclose(self) -> None:
-        """Flush what is dirty, then disconnect every connection politely."""
+        """Flush what is unflushed, then disconnect every connection politely."""
         try:
-            if self._dirty:
+            if self._journal or self._dirty or self._need_replay:
                 await self.flush()
         except NbdError as exc:
-            log.error("export %r: final flush failed: %s", self.name, exc)
+            log.error(
+                "export %r: final flush failed, %d bytes may be lost: %s",
+                self.name,
+                self._journal_bytes,
+                exc,
+            )
         self._closed = True
         conns, self._conns = self._conns, []
         async with trio.open_nursery() as nursery:
@@ -289,5 +415,5 @@ class ExportPool:
                 nursery.start_soon(conn.aclose)
 
 
-async def _noop() -> None:
+async def _noop(conn: Connection) -> None:
     return None

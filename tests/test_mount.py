@@ -155,6 +155,7 @@ def test_fio_write_and_verify(tmp: Path) -> None:
                 "--direct=1",
                 "--verify=crc32c",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--numjobs=1",
             ],

@@ -210,6 +210,7 @@ def test_mount_over_tls_with_fio_verify(tmp: Path, pki: Path) -> None:
                     "--iodepth=8",
                     "--verify=crc32c",
                     "--verify_fatal=1",
+                    "--verify_state_save=0",
                 ],
                 capture_output=True,
                 text=True,

@@ -1,0 +1,256 @@
+"""Real faults against real servers: restarts, stalls, errors, a server gone for good.
+
+Each row of docs/faults.md is one test here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .mounts import mounted
+from .servers import Server, free_port, nbdkit
+
+pytestmark = pytest.mark.fuse
+MiB = 1 << 20
+
+
+def make_disk(tmp: Path, size: int) -> Path:
+    exports = tmp / "exports"
+    exports.mkdir(exist_ok=True)
+    (exports / "disk").write_bytes(bytes(size))
+    return exports
+
+
+def writeback(exports: Path, port: int) -> object:
+    """nbdkit whose cache holds writes until NBD_CMD_FLUSH: a restart loses them."""
+    return nbdkit("--filter=cache", "file", f"dir={exports}", "cache=writeback", port=port)
+
+
+def test_unflushed_writes_survive_a_server_restart(tmp: Path) -> None:
+    exports = make_disk(tmp, 16 * MiB)
+    data = os.urandom(8 * MiB)
+    port = free_port()
+    server = writeback(exports, port)
+    srv: Server = server.__enter__()  # type: ignore[attr-defined]
+    try:
+        with mounted(srv.address, tmp / "mnt", "--timeout", "30") as mnt:
+            fd = os.open(mnt / "disk", os.O_WRONLY)
+            try:
+                for i in range(0, len(data), MiB):
+                    os.pwrite(fd, data[i : i + MiB], i)
+                # The writes were acknowledged but sit in the server's volatile cache.
+                assert (exports / "disk").read_bytes()[: len(data)] != data
+                srv.kill(signal.SIGKILL)
+                server.__exit__(None, None, None)  # type: ignore[attr-defined]
+                server = writeback(exports, port)
+                srv = server.__enter__()  # type: ignore[attr-defined]
+                os.fsync(fd)  # replays the journal on a new connection, then flushes
+            finally:
+                os.close(fd)
+            assert (exports / "disk").read_bytes()[: len(data)] == data
+            assert b"replaying" in (tmp / "mnt.log").read_bytes()
+    finally:
+        server.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+
+def test_server_killed_mid_write_and_restarted(tmp: Path) -> None:
+    exports = make_disk(tmp, 64 * MiB)
+    data = os.urandom(48 * MiB)
+    port = free_port()
+    server = writeback(exports, port)
+    srv: Server = server.__enter__()  # type: ignore[attr-defined]
+    errors: list[BaseException] = []
+    progress = threading.Event()
+    try:
+        with mounted(srv.address, tmp / "mnt", "--timeout", "30") as mnt:
+
+            def writer() -> None:
+                try:
+                    fd = os.open(mnt / "disk", os.O_WRONLY)
+                    try:
+                        for i in range(0, len(data), MiB):
+                            os.pwrite(fd, data[i : i + MiB], i)
+                            if i >= 8 * MiB:
+                                progress.set()
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            assert progress.wait(30)
+            srv.kill(signal.SIGKILL)
+            server.__exit__(None, None, None)  # type: ignore[attr-defined]
+            time.sleep(1)  # the server is away for a while
+            server = writeback(exports, port)
+            srv = server.__enter__()  # type: ignore[attr-defined]
+            thread.join(120)
+            assert not thread.is_alive()
+            assert not errors, errors
+            assert (exports / "disk").read_bytes()[: len(data)] == data
+    finally:
+        server.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+
+def test_error_filter_never_returns_wrong_bytes(tmp: Path) -> None:
+    exports = make_disk(tmp, 4 * MiB)
+    block = 64 * 1024
+    expected = {i: os.urandom(block) for i in range(64)}
+    with (
+        nbdkit(
+            "--filter=error",
+            "file",
+            f"dir={exports}",
+            "error-pread-rate=0.2",
+            "error-pwrite-rate=0.2",
+        ) as srv,
+        mounted(srv.address, tmp / "mnt", "--cache-size=0") as mnt,
+    ):
+        fd = os.open(mnt / "disk", os.O_RDWR | os.O_DIRECT)
+        written = set()
+        try:
+            buf = bytearray(block)
+            for i, chunk in expected.items():
+                try:
+                    os.pwrite(fd, chunk, i * block)
+                    written.add(i)
+                except OSError as exc:
+                    assert exc.errno == errno.EIO
+            failures = 0
+            for _ in range(3):
+                for i in written:
+                    try:
+                        n = os.preadv(fd, [buf], i * block)
+                        assert n == block and bytes(buf) == expected[i]
+                    except OSError as exc:
+                        assert exc.errno == errno.EIO
+                        failures += 1
+        finally:
+            os.close(fd)
+    assert 0 < len(written) < 64 and failures > 0  # the filter really injected errors
+    on_disk = (exports / "disk").read_bytes()
+    for i in written:
+        assert on_disk[i * block : (i + 1) * block] == expected[i]
+
+
+def test_eshutdown_means_reconnect_and_retry(tmp: Path) -> None:
+    exports = make_disk(tmp, 4 * MiB)
+    data = os.urandom(2 * MiB)
+    with (
+        nbdkit(
+            "--filter=error",
+            "file",
+            f"dir={exports}",
+            "error-pwrite=ESHUTDOWN",
+            "error-pwrite-rate=0.3",
+        ) as srv,
+        mounted(srv.address, tmp / "mnt") as mnt,
+    ):
+        fd = os.open(mnt / "disk", os.O_WRONLY)
+        try:
+            for i in range(0, len(data), 65536):
+                assert os.pwrite(fd, data[i : i + 65536], i) == 65536
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log = (tmp / "mnt.log").read_text()
+    assert "shutting down" in log
+    assert (exports / "disk").read_bytes()[: len(data)] == data
+
+
+class PauseControl:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def send(self, command: bytes) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.path))
+            s.sendall(command)
+            assert s.recv(1) == command.upper()
+
+
+def test_stalled_server_gives_eio_after_timeout_and_recovers(tmp: Path) -> None:
+    control = tmp / "pause.sock"
+    with nbdkit("--filter=pause", "memory", "4M", f"pause-control={control}") as srv:
+        pause = PauseControl(control)
+        with mounted(srv.address, tmp / "mnt", "--timeout", "2", "--cache-size=0") as mnt:
+            path = mnt / "%default%"
+            fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+            try:
+                buf = bytearray(4096)
+                os.pwrite(fd, b"a" * 4096, 0)
+                pause.send(b"p")
+                start = time.monotonic()
+                with pytest.raises(OSError) as info:
+                    os.preadv(fd, [buf], 0)
+                assert info.value.errno == errno.EIO
+                assert time.monotonic() - start < 10
+                # The mount still answers from its own state.
+                assert os.listdir(mnt) == ["%default%"] and path.stat().st_size == 4 * MiB
+                os.statvfs(mnt)
+                pause.send(b"r")
+                assert os.preadv(fd, [buf], 0) == 4096 and bytes(buf) == b"a" * 4096
+            finally:
+                os.close(fd)
+
+
+def test_server_gone_for_good_gives_eio_and_unmount_works(tmp: Path) -> None:
+    with nbdkit("memory", "4M") as srv:
+        mnt_cm = mounted(srv.address, tmp / "mnt", "--timeout", "2", "--cache-size=0")
+        mnt = mnt_cm.__enter__()
+        try:
+            fd = os.open(mnt / "%default%", os.O_RDWR | os.O_DIRECT)
+            buf = bytearray(4096)
+            assert os.preadv(fd, [buf], 0) == 4096
+            srv.kill(signal.SIGKILL)
+            start = time.monotonic()
+            with pytest.raises(OSError) as info:
+                os.preadv(fd, [buf], 8192)
+            assert info.value.errno == errno.EIO and time.monotonic() - start < 10
+            os.close(fd)
+        finally:
+            mnt_cm.__exit__(None, None, None)
+    with open("/proc/self/mounts") as f:
+        assert str(mnt) not in f.read()
+
+
+def test_enospc_from_a_full_server(tmp: Path) -> None:
+    with nbdkit("full", "1M") as srv, mounted(srv.address, tmp / "mnt") as mnt:
+        fd = os.open(mnt / "%default%", os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"x" * 4096, 0)
+            assert info.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert (mnt / "%default%").read_bytes() == bytes(MiB)
+
+
+def test_export_replaced_by_a_different_one_is_refused(tmp: Path) -> None:
+    port = free_port()
+    with (
+        nbdkit("memory", "4M", port=port) as srv,
+        mounted(srv.address, tmp / "mnt", "--timeout", "5", "--cache-size=0") as mnt,
+    ):
+        fd = os.open(mnt / "%default%", os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = bytearray(4096)
+            assert os.preadv(fd, [buf], 0) == 4096
+            srv.kill(signal.SIGKILL)
+            with nbdkit("memory", "8M", port=port):
+                with pytest.raises(OSError) as info:
+                    os.preadv(fd, [buf], 0)
+                assert info.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert "changed on the server" in (tmp / "mnt.log").read_text()
