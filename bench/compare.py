@@ -65,8 +65,19 @@ def server(size: int, work: Path) -> Iterator[str]:
     port = free_port()
     pidfile = work / "nbdkit.pid"
     proc = subprocess.Popen(
-        ["nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "-P", str(pidfile),
-         "memory", str(size)]
+        [
+            "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-P",
+            str(pidfile),
+            "memory",
+            str(size),
+        ]
     )
     try:
         while not (pidfile.exists() and pidfile.read_text().strip()):
@@ -132,11 +143,21 @@ def dd_rate(*args: str) -> float:
 
 def fio_iops(path: Path, depth: int, runtime: int, size: str, rw: str = "randread") -> float:
     out = sh(
-        "fio", "--name=b", f"--filename={path}", f"--rw={rw}", "--bs=4k", "--direct=1", "--ioengine=libaio",
-        f"--iodepth={depth}", f"--size={size}", f"--runtime={runtime}", "--time_based", "--output-format=json",
+        "fio",
+        "--name=b",
+        f"--filename={path}",
+        f"--rw={rw}",
+        "--bs=4k",
+        "--direct=1",
+        "--ioengine=libaio",
+        f"--iodepth={depth}",
+        f"--size={size}",
+        f"--runtime={runtime}",
+        "--time_based",
+        "--output-format=json",
         "--invalidate=0",
     )
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     return float(job["read"]["iops"])
 
 
@@ -155,20 +176,36 @@ def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
     n = size // MiB
     wn = min(n, 256)
     return [
-        ("seq read (dd 1M, cold)", "MB/s",
-         lambda f: dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6),
-        ("seq write + fsync (dd 1M)", "MB/s",
-         lambda f: dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync") / 1e6),
+        (
+            "seq read (dd 1M, cold)",
+            "MB/s",
+            lambda f: dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6,
+        ),
+        (
+            "seq write + fsync (dd 1M)",
+            "MB/s",
+            lambda f: (
+                dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync") / 1e6
+            ),
+        ),
         ("4K rand read QD1 (cold)", "IOPS", lambda f: fio_iops(f, 1, runtime, f"{n}M")),
         ("4K rand read QD16 (cold)", "IOPS", lambda f: fio_iops(f, 16, runtime, f"{n}M")),
-        ("4K warm re-read, 64M set", "IOPS", lambda f: (fio_iops(f, 16, 2, "64M"), fio_iops(f, 16, runtime, "64M"))[1]),
+        (
+            "4K warm re-read, 64M set",
+            "IOPS",
+            lambda f: (fio_iops(f, 16, 2, "64M"), fio_iops(f, 16, runtime, "64M"))[1],
+        ),
     ]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", default="1G", help="export size (default 1G)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds; medians are reported (default 3)"
+    )
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio figure (default 8)")
     ap.add_argument("--nbdfs-option", action="append", default=[], help="extra nbdfs mount option")
     ap.add_argument("--no-chart", action="store_true")
@@ -188,7 +225,14 @@ def main() -> None:
         (work / "a").mkdir()
         (work / "b").mkdir()
         rnd = work / "write.img"
-        sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}", "status=none")
+        sh(
+            "dd",
+            "if=/dev/urandom",
+            f"of={rnd}",
+            "bs=1M",
+            f"count={min(size // MiB, 256)}",
+            "status=none",
+        )
         with server(size, work) as uri:
             for r in range(args.rounds):
                 raw = []
@@ -196,7 +240,9 @@ def main() -> None:
                     start = time.monotonic()
                     sh("nbdcopy", uri, "null:")
                     raw.append(size / (time.monotonic() - start) / 1e6)
-                results.setdefault("nbdcopy to null (raw NBD)", {}).setdefault("nbdcopy", []).extend(raw)
+                results.setdefault("nbdcopy to null (raw NBD)", {}).setdefault(
+                    "nbdcopy", []
+                ).extend(raw)
                 units["nbdcopy to null (raw NBD)"] = "MB/s"
                 for name, unit, measure in rows(size, args.runtime, rnd):
                     units[name] = unit
@@ -226,7 +272,12 @@ def main() -> None:
         chart(results, units, ROOT / "docs" / "bench.png")
 
 
-def report(results: dict[str, dict[str, list[float]]], units: dict[str, str], rss: list[int], cpu: list[float]) -> str:
+def report(
+    results: dict[str, dict[str, list[float]]],
+    units: dict[str, str],
+    rss: list[int],
+    cpu: list[float],
+) -> str:
     lines = [
         f"nbdfs vs nbdfuse, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, medians of {len(rss) // 5 or 1} rounds",
         "",
@@ -263,7 +314,10 @@ def chart(results: dict[str, dict[str, list[float]]], units: dict[str, str], out
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     names = [n for n in results if "nbdcopy" not in results[n]]
-    ratios = [statistics.median(results[n]["nbdfs"]) / statistics.median(results[n]["nbdfuse"]) for n in names]
+    ratios = [
+        statistics.median(results[n]["nbdfs"]) / statistics.median(results[n]["nbdfuse"])
+        for n in names
+    ]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     bars = ax.barh(names, ratios, color=["#2a7" if r >= 1 else "#c44" for r in ratios])
     ax.axvline(1.0, color="black", linewidth=1)

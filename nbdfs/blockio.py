@@ -140,13 +140,16 @@ class ExportIO:
             parts.append(data[lo:hi] if lo or hi < len(data) else data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fetches_for(self, blocks: range) -> list[tuple[int, bytes | Fetch]]:
-        """For each block, its cached bytes or the fetch that will bring them (started here)."""
+    def _fetches_for(self, blocks: range, count: bool = True) -> list[tuple[int, bytes | Fetch]]:
+        """For each block, its cached bytes or the fetch that will bring them (started here).
+
+        ``count``: whether lookups count as cache hits and misses (not for read-ahead).
+        """
         out: list[tuple[int, bytes | Fetch]] = []
         run: list[tuple[int, Fetch]] = []
         per_request = max(1, self.maximum // self.cache.block_size)
         for b in blocks:
-            cached = self.cache.get(b)
+            cached = self.cache.get(b, count)
             if cached is not None:
                 out.append((b, cached))
                 item: bytes | Fetch | None = None
@@ -169,6 +172,13 @@ class ExportIO:
         return out
 
     def _maybe_readahead(self, offset: int, end: int, last: int) -> None:
+        """Keep a sequential reader's next blocks coming, in few large requests.
+
+        The window doubles with each sequential read, up to READAHEAD_MAX (or a quarter of
+        the cache). New fetches start only when less than half the window is cached or on its
+        way, and then fill the rest of it at once: NBD requests of up to the maximum payload
+        instead of one per block.
+        """
         if offset != self._next_sequential:
             self._readahead = 0
             self._next_sequential = end
@@ -177,12 +187,13 @@ class ExportIO:
         cb = self.cache.block_size
         limit = min(READAHEAD_MAX, max(self._cache_bytes // 4, cb))
         self._readahead = min(max(self._readahead * 2, 4 * cb), limit)
-        top = min((self.size - 1) // cb, last + self._readahead // cb)
-        wanted = [b for b in range(last + 1, top + 1) if self.cache.fetching(b) is None]
-        if wanted:
-            # Starting fetches for uncached blocks is all read-ahead needs to do; the cache
-            # check inside skips blocks already held.
-            self._fetches_for(range(wanted[0], wanted[-1] + 1))
+        window = self._readahead // cb
+        top = min((self.size - 1) // cb, last + window)
+        b = last + 1
+        while b <= top and (self.cache.holds(b) or self.cache.fetching(b) is not None):
+            b += 1
+        if b <= top and b - last <= window // 2 + 1:
+            self._fetches_for(range(b, top + 1), count=False)
 
     async def _fetch_run(self, run: list[tuple[int, Fetch]]) -> None:
         cb = self.cache.block_size

@@ -52,15 +52,20 @@ class BlockCache:
     def used(self) -> int:
         return int(self._lru.currsize) if self._lru is not None else 0
 
-    def get(self, block: int) -> bytes | None:
+    def get(self, block: int, count: bool = True) -> bytes | None:
         if self._lru is None:
             return None
         data = self._lru.get(block)
-        if data is None:
-            self.misses += 1
-        else:
-            self.hits += 1
+        if count:
+            if data is None:
+                self.misses += 1
+            else:
+                self.hits += 1
         return data
+
+    def holds(self, block: int) -> bool:
+        """Whether the block is cached (without refreshing it in the LRU order)."""
+        return self._lru is not None and block in self._lru
 
     def fetching(self, block: int) -> Fetch | None:
         return self._fetches.get(block)

@@ -121,6 +121,7 @@ class NbdFs(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._mtime_ns = time.time_ns()
+        self.after_init: Callable[[], None] | None = None
         self._root = self._add(b"", pyfuse3.ROOT_INODE)
         paths = export_paths(e.name for e in exports)
         for export in exports:
@@ -135,6 +136,17 @@ class NbdFs(pyfuse3.Operations):
                 parent = child
             key = os.fsencode(leaf)
             parent.children[key] = self._add(key, parent.inode, export)
+
+    def init(self) -> None:
+        """FUSE INIT is being answered; run ``after_init`` once the kernel has the reply."""
+        if self.after_init is not None:
+            hook = self.after_init
+
+            async def later() -> None:
+                await trio.sleep(0)
+                hook()
+
+            self._nursery.start_soon(later)
 
     def _add(self, name: bytes, parent: int, export: Export | None = None) -> Node:
         inode = pyfuse3.ROOT_INODE if not self._nodes else max(self._nodes) + 1

@@ -77,6 +77,29 @@ def fuse_options(config: MountConfig, extra: set[str], target_text: str) -> set[
     return opts
 
 
+READ_AHEAD_KB = 1024  # FUSE requests go up to 1 MiB (256 pages); the kernel default is 128 KiB
+
+
+def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """Let the kernel read ahead (and so send FUSE reads of) up to ``kb`` KiB at a time.
+
+    Fewer, larger requests: a sequential reader costs an eighth of the round trips. The
+    device number comes from /proc/self/mountinfo: stat() on our own mountpoint from the
+    thread that serves it would wait for ourselves.
+    """
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == mountpoint:
+                    dev = fields[2]
+            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as ra:
+                ra.write(f"{kb}\n")
+            log.info("kernel read-ahead of %s (bdi %s) set to %d KiB", mountpoint, dev, kb)
+    except (OSError, UnboundLocalError) as exc:
+        log.info("cannot raise the kernel read-ahead of %s: %s", mountpoint, exc)
+
+
 async def run_mount(
     config: MountConfig,
     mountpoint: str,
@@ -94,6 +117,7 @@ async def run_mount(
         return
     async with trio.open_nursery() as nursery:
         fs = NbdFs(config, exports, nursery)
+        fs.after_init = lambda: raise_read_ahead(mountpoint)
         try:
             pyfuse3.init(fs, mountpoint, options)
         except RuntimeError as exc:

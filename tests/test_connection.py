@@ -48,7 +48,7 @@ def test_concurrent_requests_are_matched_by_cookie() -> None:
             for i in range(5):
                 nursery.start_soon(reader, i)
             requests = [await read_request(server) for _ in range(5)]
-            for cmd, cookie, offset, length in reversed(requests):  # answer in reverse order
+            for _cmd, cookie, offset, length in reversed(requests):  # answer in reverse order
                 payload = wire.U64.pack(offset) + bytes([offset // 512]) * length
                 await server.send_all(wb.chunk(cookie, ReplyType.OFFSET_DATA, payload, done=True))
             while len(results) < 5:
