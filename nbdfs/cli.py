@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import trio
 from . import __version__
 from .connection import list_exports
 from .errors import NbdError, TargetError
-from .fs import MountConfig
+from .fs import STATUS_XATTR, MountConfig
 from .handshake import Export, TlsMode
 from .mount import MountError, fuse_options, run_mount, set_io_flusher
 from .target import Target, parse_target
@@ -154,12 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options: the ones above as name=value (ro, connections=N, cache_size=SIZE,"
         " timeout=S, tls=MODE, tls_certificates=DIR), or FUSE options such as allow_other",
     )
+    p_mount.add_argument("--uid", type=int, metavar="N", help="owner of the files (default: you)")
+    p_mount.add_argument("--gid", type=int, metavar="N", help="group of the files (default: yours)")
     p_mount.add_argument(
         "--log-file", metavar="FILE", help="where the daemon logs (default: syslog)"
     )
     _add_tls_options(p_mount)
     _add_common(p_mount)
     p_mount.set_defaults(func=cmd_mount)
+
+    p_umount = sub.add_parser(
+        "umount",
+        help="unmount (flushing every export first)",
+        description="Unmount an nbdfs mount: the daemon flushes what was written, disconnects"
+        " politely and exits. Same as 'fusermount3 -u MOUNTPOINT'.",
+    )
+    p_umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _add_common(p_umount)
+    p_umount.set_defaults(func=cmd_umount)
+
+    p_status = sub.add_parser(
+        "status",
+        help="show what a running mount is doing",
+        description="Per export: connections, requests and bytes read and written, cache use and"
+        " hit rate, reconnects, retries, timeouts and errors, unflushed bytes; from the"
+        " running daemon (it answers from memory, also while a server is away).",
+    )
+    p_status.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p_status.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p_status)
+    p_status.set_defaults(func=cmd_status)
 
     p_tls = sub.add_parser(
         "tls-init",
@@ -186,6 +211,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p_tls)
     p_tls.set_defaults(func=cmd_tls_init)
     return parser
+
+
+def _nbdfs_mount(path: str) -> str:
+    mountpoint = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == mountpoint and fields[2] == "fuse.nbdfs":
+                return mountpoint
+    raise MountError(f"{path} is not an nbdfs mount (see 'findmnt -t fuse.nbdfs')")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = _nbdfs_mount(args.mountpoint)
+    proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().rpartition(": ")[2] or "fusermount3 failed"
+        hint = ""
+        if "busy" in reason.lower():
+            hint = "; something still uses it (a loop device? see 'losetup -a' and 'fuser -m')"
+        raise MountError(f"cannot unmount {mountpoint}: {reason}{hint}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mountpoint = _nbdfs_mount(args.mountpoint)
+    try:
+        raw = os.getxattr(mountpoint, STATUS_XATTR)
+    except OSError as exc:
+        raise MountError(f"the daemon of {mountpoint} does not answer: {exc.strerror}") from None
+    status = json.loads(raw)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print(f"{mountpoint}: {status['server']}, {len(status['exports'])} export(s)")
+    for e in status["exports"]:
+        line = f"  {shlex.quote(e['name'])}: "
+        if not e["active"]:
+            print(line + "not opened yet")
+            continue
+        c = e["cache"]
+        hits = c["hits"] + c["misses"]
+        rate = f"{c['hits'] / hits:.0%}" if hits else "-"
+        print(
+            line + f"{e['connections']} conn, read {human_size(e['bytes_read'])}, written"
+            f" {human_size(e['bytes_written'])}, {e['requests']} requests; cache"
+            f" {human_size(c['used'])}/{human_size(c['capacity'])} hit {rate}; reconnects"
+            f" {e['reconnects']}, retries {e['retries']}, timeouts {e['timeouts']}, errors"
+            f" {e['errors']}, unflushed {human_size(e['unflushed'])}"
+        )
+    return EXIT_OK
 
 
 def cmd_tls_init(args: argparse.Namespace) -> int:
@@ -324,6 +400,8 @@ _OPTION_KEYS = {
     "tls": "tls",
     "tls_certificates": "tls_certificates",
     "tls-certificates": "tls_certificates",
+    "uid": "uid",
+    "gid": "gid",
 }
 # Generic mount(8) options that make no sense to FUSE and are dropped silently.
 _IGNORED = {
@@ -370,7 +448,13 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
     if timeout <= 0:
         raise TargetError("--timeout must be positive")
     cache = parse_size(args.cache_size) if args.cache_size is not None else 256 << 20
+    ids: dict[str, int] = {}
+    if args.uid is not None:
+        ids["uid"] = int(args.uid)
+    if args.gid is not None:
+        ids["gid"] = int(args.gid)
     return MountConfig(
+        **ids,
         target=target,
         tls=tls_config(args, target),
         readonly=args.readonly,
@@ -499,9 +583,20 @@ def setup_logging(verbose: int) -> None:
     )
 
 
+COMMANDS = ("list", "mount", "umount", "status", "tls-init")
+
+
+def helper_argv(argv: list[str]) -> list[str]:
+    """mount(8) runs ``nbdfs SOURCE MOUNTPOINT -o OPTS`` (through mount.fuse3 for type
+    fuse.nbdfs); that is ``nbdfs mount`` without the word."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        return ["mount", *argv]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(helper_argv(list(sys.argv[1:] if argv is None else argv)))
     setup_logging(args.verbose)
     try:
         return int(args.func(args))

@@ -8,8 +8,10 @@ handler, since pyfuse3 ends the whole file system on any other exception.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -35,6 +37,7 @@ R = TypeVar("R")
 
 ATTR_TIMEOUT = 60.0  # the tree changes only on refresh, which invalidates what it changes
 XATTR_PREFIX = b"user.nbd."
+STATUS_XATTR = "user.nbdfs.status"  # on the mount's root: the daemon's counters, as JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,9 +353,33 @@ class NbdFs(pyfuse3.Operations):
             out[b"block_size"] = f"{b.minimum} {b.preferred} {b.maximum}".encode()
         return {XATTR_PREFIX + k: v for k, v in out.items()}
 
+    def status(self) -> dict[str, object]:
+        """What ``nbdfs status`` shows; answered from memory, never from the network."""
+        exports = []
+        for node in self.exports:
+            assert node.export is not None
+            entry: dict[str, object] = {"name": node.export.name, "active": node.io is not None}
+            if node.io is not None:
+                pool, cache = node.io.pool, node.io.cache
+                entry |= dataclasses.asdict(pool.stats)
+                entry |= {
+                    "connections": pool.connections,
+                    "unflushed": pool.unflushed,
+                    "cache": {
+                        "used": cache.used,
+                        "capacity": cache.capacity,
+                        "hits": cache.hits,
+                        "misses": cache.misses,
+                    },
+                }
+            exports.append(entry)
+        return {"server": self.config.target.describe(), "exports": exports}
+
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and bytes(name) == STATUS_XATTR.encode():
+            return json.dumps(self.status()).encode()
         value = self._xattrs(self._node(inode)).get(bytes(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

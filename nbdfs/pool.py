@@ -28,6 +28,7 @@ outside them, as in httpcore's pool. The rules:
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -113,9 +114,13 @@ class ExportPool:
         self._conns: list[Connection] = []
         self._last_used: dict[Connection, float] = {}
         self._opening = 0
+        self._lost_pending = 0  # connections lost and not yet replaced (for stats.reconnects)
         self._changed = trio.Event()  # set whenever a connection opens or fails to
         self._dirty: set[Connection] = set()
-        self._journal: list[tuple[int, bytes | memoryview]] = []
+        # (sequence number, offset, data) of each acknowledged, not yet flushed write, oldest
+        # first; a flush forgets the entries older than the sequence number it started at.
+        self._journal: collections.deque[tuple[int, int, bytes | memoryview]] = collections.deque()
+        self._journal_seq = 0
         self._journal_bytes = 0
         self._need_replay = False
         self._replay_lock = trio.Lock()
@@ -156,6 +161,7 @@ class ExportPool:
                         self._journal_bytes,
                     )
             self.stats.lost += 1
+            self._lost_pending += 1
             self._nursery.start_soon(conn.aclose)
 
     async def _get(self) -> Connection:
@@ -219,7 +225,8 @@ class ExportPool:
                 f" {int(self.export.flags):#x}; now {conn.export.size}, {int(conn.export.flags):#x});"
                 " refusing I/O: remount to use the new one"
             )
-        else:
+        if self._lost_pending:
+            self._lost_pending -= 1
             self.stats.reconnects += 1
         self.stats.connects += 1
         self._conns.append(conn)
@@ -266,7 +273,8 @@ class ExportPool:
                         self._last_used[conn] = trio.current_time()
                         if journal is not None:
                             self._dirty.add(conn)
-                            self._journal.append(journal)
+                            self._journal.append((self._journal_seq, *journal))
+                            self._journal_seq += 1
                             self._journal_bytes += len(journal[1])
                         break
                     except ConnectionLost as exc:
@@ -310,19 +318,25 @@ class ExportPool:
                 await idle.wait()
             self._prune()
             conn = self._conns[0] if self._conns else await self._open()
-            entries = list(self._journal)
             log.info(
                 "export %r: replaying %d unflushed writes (%d bytes)",
                 self.name,
-                len(entries),
+                len(self._journal),
                 self._journal_bytes,
             )
-            for offset, data in entries:
+            flush = self.export is not None and bool(
+                self.export.flags & TransmissionFlag.SEND_FLUSH
+            )
+            # Oldest first, each made durable before it is forgotten: a replay that is cut
+            # short (the server went away again) resumes where it stopped.
+            while self._journal:
+                seq, offset, data = self._journal[0]
                 await conn.write(offset, data)
-            if self.export is not None and self.export.flags & TransmissionFlag.SEND_FLUSH:
-                await conn.flush()
-            del self._journal[: len(entries)]
-            self._journal_bytes = sum(len(d) for _, d in self._journal)
+                if flush:
+                    await conn.flush()
+                if self._journal and self._journal[0][0] == seq:  # (a flush may have run)
+                    self._journal.popleft()
+                    self._journal_bytes -= len(data)
             self._dirty.clear()
             self._need_replay = False
             self.stats.replays += 1
@@ -344,7 +358,7 @@ class ExportPool:
                             continue
                         if self._try_flush_done():
                             return
-                        mark = len(self._journal)
+                        mark = self._journal_seq
                         dirty = list(self._dirty)
                         self._dirty.difference_update(dirty)
                         try:
@@ -355,8 +369,8 @@ class ExportPool:
                             self._dirty.update(c for c in dirty if c.usable)
                             self._prune()
                             continue
-                        del self._journal[:mark]
-                        self._journal_bytes = sum(len(d) for _, d in self._journal)
+                        while self._journal and self._journal[0][0] < mark:
+                            self._journal_bytes -= len(self._journal.popleft()[2])
                         return
             except trio.TooSlowError:
                 self.stats.timeouts += 1
