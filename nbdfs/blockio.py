@@ -24,7 +24,7 @@ from .wire import DEFAULT_MAX_PAYLOAD, TransmissionFlag
 
 log = logging.getLogger(__name__)
 
-CACHE_BLOCK = 128 * 1024  # cache granularity; clamped to the export's constraints
+CACHE_BLOCK = 32 * 1024  # cache granularity; clamped to the export's constraints
 READAHEAD_MAX = 8 * 1024 * 1024  # how far ahead a sequential reader is served
 
 
@@ -115,7 +115,7 @@ class ExportIO:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | memoryview:
         await self._setup()
         end = min(offset + length, self.size)
         if offset >= end:
@@ -137,7 +137,8 @@ class ExportIO:
                 data = item
             lo = max(offset - b * cb, 0)
             hi = min(end - b * cb, len(data))
-            parts.append(data[lo:hi] if lo or hi < len(data) else data)
+            parts.append(memoryview(data)[lo:hi] if lo or hi < len(data) else data)
+        # pyfuse3 takes any buffer: a slice of one block is passed on without a copy.
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fetches_for(self, blocks: range, count: bool = True) -> list[tuple[int, bytes | Fetch]]:

@@ -307,7 +307,8 @@ class NbdFs(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         handle = self._handle(fh)
-        return await self._io(handle.node).read(off, size)
+        # pyfuse3 replies from any buffer (PyObject_GetBuffer); a memoryview saves a copy.
+        return await self._io(handle.node).read(off, size)  # type: ignore[return-value]
 
     @_fuse_errors
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:

@@ -74,6 +74,16 @@ class Reply:
 
 
 @dataclass(slots=True)
+class _Sink:
+    """A read payload being copied straight from the socket into its request's buffer."""
+
+    cookie: int
+    done: bool  # the chunk ends the reply (a simple reply always does)
+    view: memoryview  # where the payload goes
+    filled: int = 0
+
+
+@dataclass(slots=True)
 class _Pending:
     cmd: Cmd
     flags: CmdFlag
@@ -110,6 +120,7 @@ class Transmission:
         self._buf = bytearray()
         self._pos = 0
         self._head: tuple[int, int, int, int, int] | None = None  # parsed header awaiting payload
+        self._sink: _Sink | None = None
         self.closed = False
 
     # -- requests ----------------------------------------------------------------------------
@@ -188,6 +199,15 @@ class Transmission:
     # -- replies -----------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        sink = self._sink
+        if sink is not None and sink.filled < len(sink.view):
+            # The bulk of a read goes straight where it belongs, without a stop in _buf.
+            n = min(len(data), len(sink.view) - sink.filled)
+            sink.view[sink.filled : sink.filled + n] = memoryview(data)[:n]
+            sink.filled += n
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
@@ -203,11 +223,24 @@ class Transmission:
     def next_event(self) -> Reply | None:
         """Return the next finished request's reply, or ``None`` if more bytes are needed."""
         while True:
+            if self._sink is not None:
+                sink = self._sink
+                if sink.filled < len(sink.view):
+                    return None
+                self._sink = None
+                sink.view.release()
+                if sink.done:
+                    return self._finish(sink.cookie, self._pending[sink.cookie])
+                continue
             if self._head is None:
                 if not self._parse_header():
                     return None
             assert self._head is not None
             kind, flags, rtype, cookie, length = self._head
+            if length and (kind == 0 or rtype == ReplyType.OFFSET_DATA):
+                if not self._start_sink(kind, flags, cookie, length):
+                    return None
+                continue
             if self.pending_bytes() < length:
                 return None
             payload = memoryview(self._buf)[self._pos : self._pos + length]
@@ -219,6 +252,33 @@ class Transmission:
                 self._pos += length
             if reply is not None:
                 return reply
+
+    def _start_sink(self, kind: int, flags: int, cookie: int, length: int) -> bool:
+        """Begin copying a read payload into its buffer; False until its offset is here."""
+        pending = self._pending[cookie]
+        assert pending.buf is not None
+        if kind == 0:  # a simple reply to READ: the whole request's data
+            pending.covered = pending.length
+            dest = memoryview(pending.buf)
+            done = True
+        else:
+            if self.pending_bytes() < 8:
+                return False
+            (offset,) = wire.U64.unpack_from(self._buf, self._pos)
+            self._pos += 8
+            pending.structured = True
+            size = length - 8
+            self._content(pending, offset, size)
+            start = offset - pending.offset
+            dest = memoryview(pending.buf)[start : start + size]
+            done = bool(flags & wire.REPLY_FLAG_DONE)
+        self._head = None
+        take = min(self.pending_bytes(), len(dest))
+        with memoryview(self._buf) as buf:
+            dest[:take] = buf[self._pos : self._pos + take]
+        self._pos += take
+        self._sink = _Sink(cookie, done, dest, take)
+        return True
 
     def _parse_header(self) -> bool:
         avail = self.pending_bytes()
@@ -295,21 +355,16 @@ class Transmission:
         self, kind: int, flags: int, rtype: int, cookie: int, payload: memoryview
     ) -> Reply | None:
         pending = self._pending[cookie]
-        if kind == 0:  # simple reply; ``flags`` holds the error
-            if flags == 0 and pending.buf is not None:
-                pending.buf[:] = payload
-                pending.covered = pending.length
+        if kind == 0:  # simple reply without payload; ``flags`` holds the error
             pending.error = flags
             return self._finish(cookie, pending)
         pending.structured = True
-        if rtype == ReplyType.OFFSET_DATA:
-            (offset,) = wire.U64.unpack_from(payload)
-            self._content(pending, offset, len(payload) - 8, payload[8:])
-        elif rtype == ReplyType.OFFSET_HOLE:
+        # (OFFSET_DATA payloads never get here: _start_sink streams them.)
+        if rtype == ReplyType.OFFSET_HOLE:
             offset, size = wire.OFFSET_HOLE.unpack_from(payload)
             if size == 0:
                 raise ProtocolError("server sent an OFFSET_HOLE chunk of size 0")
-            self._content(pending, offset, size, None)
+            self._content(pending, offset, size)
         elif rtype == ReplyType.BLOCK_STATUS:
             self._block_status(pending, payload)
         elif rtype & wire.REPLY_TYPE_ERROR_BIT:
@@ -318,7 +373,8 @@ class Transmission:
             return self._finish(cookie, pending)
         return None
 
-    def _content(self, p: _Pending, offset: int, size: int, data: memoryview | None) -> None:
+    def _content(self, p: _Pending, offset: int, size: int) -> None:
+        """Check and record a content chunk's range (its bytes are copied by the caller)."""
         start = offset - p.offset
         if offset < p.offset or start + size > p.length:
             raise ProtocolError(
@@ -332,9 +388,6 @@ class Transmission:
         p.starts.insert(i, start)
         p.ends.insert(i, start + size)
         p.covered += size
-        assert p.buf is not None
-        if data is not None:
-            p.buf[start : start + size] = data
         # A hole reads as zeroes, and the buffer starts zeroed.
 
     def _block_status(self, p: _Pending, payload: memoryview) -> None:
