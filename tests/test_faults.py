@@ -5,12 +5,14 @@ Each row of docs/faults.md is one test here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,77 +31,92 @@ def make_disk(tmp: Path, size: int) -> Path:
     return exports
 
 
-def writeback(exports: Path, port: int) -> object:
+class Restartable:
+    """An nbdkit that a test can SIGKILL and start again on the same port."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.port = free_port()
+        self._stack = contextlib.ExitStack()
+        self.server: Server = self._stack.enter_context(nbdkit(*args, port=self.port))
+
+    def kill(self) -> None:
+        self.server.kill(signal.SIGKILL)
+        self._stack.close()
+
+    def start(self) -> None:
+        self.server = self._stack.enter_context(nbdkit(*self.args, port=self.port))
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@contextlib.contextmanager
+def writeback(exports: Path) -> Iterator[Restartable]:
     """nbdkit whose cache holds writes until NBD_CMD_FLUSH: a restart loses them."""
-    return nbdkit("--filter=cache", "file", f"dir={exports}", "cache=writeback", port=port)
+    srv = Restartable("--filter=cache", "file", f"dir={exports}", "cache=writeback")
+    try:
+        yield srv
+    finally:
+        srv.close()
 
 
 def test_unflushed_writes_survive_a_server_restart(tmp: Path) -> None:
     exports = make_disk(tmp, 16 * MiB)
     data = os.urandom(8 * MiB)
-    port = free_port()
-    server = writeback(exports, port)
-    srv: Server = server.__enter__()  # type: ignore[attr-defined]
-    try:
-        with mounted(srv.address, tmp / "mnt", "--timeout", "30") as mnt:
-            fd = os.open(mnt / "disk", os.O_WRONLY)
-            try:
-                for i in range(0, len(data), MiB):
-                    os.pwrite(fd, data[i : i + MiB], i)
-                # The writes were acknowledged but sit in the server's volatile cache.
-                assert (exports / "disk").read_bytes()[: len(data)] != data
-                srv.kill(signal.SIGKILL)
-                server.__exit__(None, None, None)  # type: ignore[attr-defined]
-                server = writeback(exports, port)
-                srv = server.__enter__()  # type: ignore[attr-defined]
-                os.fsync(fd)  # replays the journal on a new connection, then flushes
-            finally:
-                os.close(fd)
-            assert (exports / "disk").read_bytes()[: len(data)] == data
-            assert b"replaying" in (tmp / "mnt.log").read_bytes()
-    finally:
-        server.__exit__(None, None, None)  # type: ignore[attr-defined]
+    with (
+        writeback(exports) as srv,
+        mounted(srv.server.address, tmp / "mnt", "--timeout", "30") as mnt,
+    ):
+        fd = os.open(mnt / "disk", os.O_WRONLY)
+        try:
+            for i in range(0, len(data), MiB):
+                os.pwrite(fd, data[i : i + MiB], i)
+            # The writes were acknowledged but sit in the server's volatile cache.
+            assert (exports / "disk").read_bytes()[: len(data)] != data
+            srv.kill()
+            srv.start()
+            os.fsync(fd)  # replays the journal on a new connection, then flushes
+        finally:
+            os.close(fd)
+        assert (exports / "disk").read_bytes()[: len(data)] == data
+        assert b"replaying" in (tmp / "mnt.log").read_bytes()
 
 
 def test_server_killed_mid_write_and_restarted(tmp: Path) -> None:
     exports = make_disk(tmp, 64 * MiB)
     data = os.urandom(48 * MiB)
-    port = free_port()
-    server = writeback(exports, port)
-    srv: Server = server.__enter__()  # type: ignore[attr-defined]
     errors: list[BaseException] = []
     progress = threading.Event()
-    try:
-        with mounted(srv.address, tmp / "mnt", "--timeout", "30") as mnt:
+    with (
+        writeback(exports) as srv,
+        mounted(srv.server.address, tmp / "mnt", "--timeout", "30") as mnt,
+    ):
 
-            def writer() -> None:
+        def writer() -> None:
+            try:
+                fd = os.open(mnt / "disk", os.O_WRONLY)
                 try:
-                    fd = os.open(mnt / "disk", os.O_WRONLY)
-                    try:
-                        for i in range(0, len(data), MiB):
-                            os.pwrite(fd, data[i : i + MiB], i)
-                            if i >= 8 * MiB:
-                                progress.set()
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except BaseException as exc:
-                    errors.append(exc)
+                    for i in range(0, len(data), MiB):
+                        os.pwrite(fd, data[i : i + MiB], i)
+                        if i >= 8 * MiB:
+                            progress.set()
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except BaseException as exc:
+                errors.append(exc)
 
-            thread = threading.Thread(target=writer)
-            thread.start()
-            assert progress.wait(30)
-            srv.kill(signal.SIGKILL)
-            server.__exit__(None, None, None)  # type: ignore[attr-defined]
-            time.sleep(1)  # the server is away for a while
-            server = writeback(exports, port)
-            srv = server.__enter__()  # type: ignore[attr-defined]
-            thread.join(120)
-            assert not thread.is_alive()
-            assert not errors, errors
-            assert (exports / "disk").read_bytes()[: len(data)] == data
-    finally:
-        server.__exit__(None, None, None)  # type: ignore[attr-defined]
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert progress.wait(30)
+        srv.kill()
+        time.sleep(1)  # the server is away for a while
+        srv.start()
+        thread.join(120)
+        assert not thread.is_alive()
+        assert not errors, errors
+        assert (exports / "disk").read_bytes()[: len(data)] == data
 
 
 def test_error_filter_never_returns_wrong_bytes(tmp: Path) -> None:
