@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options: the ones above as name=value (ro, connections=N, cache_size=SIZE,"
         " timeout=S, tls=MODE, tls_certificates=DIR), or FUSE options such as allow_other",
     )
+    p_mount.add_argument(
+        "--refresh",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="re-read the export list this often: new exports appear, vanished ones go"
+        " (default 60; 0: never)",
+    )
     p_mount.add_argument("--uid", type=int, metavar="N", help="owner of the files (default: you)")
     p_mount.add_argument("--gid", type=int, metavar="N", help="group of the files (default: yours)")
     p_mount.add_argument(
@@ -402,6 +410,7 @@ _OPTION_KEYS = {
     "tls-certificates": "tls_certificates",
     "uid": "uid",
     "gid": "gid",
+    "refresh": "refresh",
 }
 # Generic mount(8) options that make no sense to FUSE and are dropped silently.
 _IGNORED = {
@@ -448,6 +457,9 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
     if timeout <= 0:
         raise TargetError("--timeout must be positive")
     cache = parse_size(args.cache_size) if args.cache_size is not None else 256 << 20
+    refresh = float(args.refresh) if args.refresh is not None else 60.0
+    if refresh < 0:
+        raise TargetError("--refresh must be 0 (never) or a number of seconds")
     ids: dict[str, int] = {}
     if args.uid is not None:
         ids["uid"] = int(args.uid)
@@ -460,6 +472,7 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
         readonly=args.readonly,
         connections=connections,
         cache_size=cache,
+        refresh=refresh,
         timeout=timeout,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ class MountConfig:
     connections: int = 4
     cache_size: int = 256 << 20
     timeout: float = 60.0
+    refresh: float = 60.0  # seconds between re-reads of the export list; 0: never
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -126,8 +128,30 @@ class NbdFs(pyfuse3.Operations):
         self._mtime_ns = time.time_ns()
         self.after_init: Callable[[], None] | None = None
         self._root = self._add(b"", pyfuse3.ROOT_INODE)
+        self._paths: dict[str, tuple[str, ...]] = {}
+        self.sync(exports)
+
+    def sync(self, exports: Sequence[Export]) -> list[tuple[int, bytes, int]]:
+        """Make the tree show exactly ``exports``; return the entries that went away.
+
+        An export whose path and metadata did not change keeps its node (and its open
+        files and connections). A new, vanished or changed one is added or removed; each
+        removed ``(parent inode, name, inode)`` is returned so the kernel's cached entry can
+        be invalidated. Removed nodes stay known by inode, so files still open on them keep
+        working (or fail cleanly) until closed.
+        """
         paths = export_paths(e.name for e in exports)
+        wanted = {e.name: e for e in exports}
+        gone: list[tuple[int, bytes, int]] = []
+        for name, path in list(self._paths.items()):
+            node = self._lookup_path(path)
+            same = node is not None and node.export == wanted.get(name) and paths.get(name) == path
+            if not same:
+                gone += self._detach(path)
+                del self._paths[name]
         for export in exports:
+            if export.name in self._paths:
+                continue
             parent = self._root
             *dirs, leaf = paths[export.name]
             for d in dirs:
@@ -139,6 +163,30 @@ class NbdFs(pyfuse3.Operations):
                 parent = child
             key = os.fsencode(leaf)
             parent.children[key] = self._add(key, parent.inode, export)
+            self._paths[export.name] = paths[export.name]
+        return gone
+
+    def _lookup_path(self, path: tuple[str, ...]) -> Node | None:
+        node: Node | None = self._root
+        for part in path:
+            node = node.children.get(os.fsencode(part)) if node is not None else None
+        return node
+
+    def _detach(self, path: tuple[str, ...]) -> list[tuple[int, bytes, int]]:
+        """Unlink the file at ``path`` and any directories left empty above it."""
+        chain = [self._root]
+        for part in path:
+            child = chain[-1].children.get(os.fsencode(part))
+            if child is None:
+                return []
+            chain.append(child)
+        gone = []
+        for parent, node in reversed(list(itertools.pairwise(chain))):
+            if node.children:  # a directory still holding other exports stays
+                break
+            del parent.children[node.name]
+            gone.append((parent.inode, node.name, node.inode))
+        return gone
 
     def init(self) -> None:
         """FUSE INIT is being answered; run ``after_init`` once the kernel has the reply."""
@@ -152,13 +200,14 @@ class NbdFs(pyfuse3.Operations):
             self._nursery.start_soon(later)
 
     def _add(self, name: bytes, parent: int, export: Export | None = None) -> Node:
-        inode = pyfuse3.ROOT_INODE if not self._nodes else max(self._nodes) + 1
+        inode = pyfuse3.ROOT_INODE if not self._nodes else max(self._nodes) + 1  # never reused
         node = Node(inode, name, parent, export)
         self._nodes[inode] = node
         return node
 
     @property
     def exports(self) -> list[Node]:
+        """Every export node, including ones removed by a refresh but still known."""
         return [n for n in self._nodes.values() if n.export is not None]
 
     def _node(self, inode: int) -> Node:

@@ -100,6 +100,32 @@ def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
         log.info("cannot raise the kernel read-ahead of %s: %s", mountpoint, exc)
 
 
+async def refresh_exports(fs: NbdFs, config: MountConfig) -> None:
+    """Every ``config.refresh`` seconds, show the server's current export list."""
+    while True:
+        await trio.sleep(config.refresh)
+        try:
+            with trio.fail_after(config.timeout):
+                exports = await discover(config)
+        except (NbdError, trio.TooSlowError) as exc:
+            log.info("export list not refreshed: %s", exc)
+            continue
+        before = {n.export.name for n in fs.exports if n.export is not None}
+        gone = fs.sync(exports)
+        added = {e.name for e in exports} - before
+        for parent, name, inode in gone:
+            # Queued to pyfuse3's notify thread: invalidating from this thread could wait
+            # on a request that waits on us.
+            pyfuse3.invalidate_entry_async(
+                pyfuse3.InodeT(parent),
+                pyfuse3.FileNameT(name),
+                pyfuse3.InodeT(inode),
+                ignore_enoent=True,
+            )
+        if gone or added:
+            log.info("export list refreshed: %d removed, %d added", len(gone), len(added))
+
+
 async def run_mount(
     config: MountConfig,
     mountpoint: str,
@@ -141,6 +167,8 @@ async def run_mount(
                         return
 
                 nursery.start_soon(on_signal)
+                if config.refresh > 0:
+                    nursery.start_soon(refresh_exports, fs, config)
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
         finally:
             with trio.CancelScope(shield=True):

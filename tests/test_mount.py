@@ -303,3 +303,28 @@ def test_a_killed_daemon_leaves_no_dead_mountpoint(tmp: Path) -> None:
         else:
             pytest.fail("the mountpoint outlived its daemon")
         assert os.listdir(mnt) == []
+
+
+def test_export_list_refreshes_without_remounting(tmp: Path) -> None:
+    exports = tmp / "exports"
+    exports.mkdir()
+    (exports / "old").write_bytes(b"o" * 4096)
+    (exports / "stays").write_bytes(b"s" * 4096)
+    with (
+        nbdkit("file", f"dir={exports}") as srv,
+        mounted(srv.address, tmp / "mnt", "--refresh", "0.5") as mnt,
+    ):
+        assert sorted(os.listdir(mnt)) == ["old", "stays"]
+        fd = os.open(mnt / "stays", os.O_RDONLY)
+        try:
+            (exports / "new").write_bytes(b"n" * 8192)
+            (exports / "old").unlink()
+            deadline = time.monotonic() + 15
+            while sorted(os.listdir(mnt)) != ["new", "stays"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert sorted(os.listdir(mnt)) == ["new", "stays"]
+            assert (mnt / "new").read_bytes() == b"n" * 8192
+            assert not (mnt / "old").exists()
+            assert os.pread(fd, 4, 0) == b"ssss"  # an open file of a kept export goes on
+        finally:
+            os.close(fd)
