@@ -449,22 +449,34 @@ def split_mount_options(args: argparse.Namespace) -> set[str]:
     return fuse
 
 
+def _number(
+    value: str | float | None, name: str, kind: type[int] | type[float], default: float
+) -> float:
+    """An option's number (from argparse, or a string from -o), or a one-line error."""
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise TargetError(f"{name} takes a number, not {value!r}") from None
+
+
 def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
-    connections = int(args.connections) if args.connections is not None else 4
+    connections = int(_number(args.connections, "--connections", int, 4))
     if not 1 <= connections <= 64:
         raise TargetError("--connections must be from 1 to 64")
-    timeout = float(args.timeout) if args.timeout is not None else 60.0
+    timeout = _number(args.timeout, "--timeout", float, 60.0)
     if timeout <= 0:
         raise TargetError("--timeout must be positive")
     cache = parse_size(args.cache_size) if args.cache_size is not None else 256 << 20
-    refresh = float(args.refresh) if args.refresh is not None else 60.0
+    refresh = _number(args.refresh, "--refresh", float, 60.0)
     if refresh < 0:
         raise TargetError("--refresh must be 0 (never) or a number of seconds")
     ids: dict[str, int] = {}
     if args.uid is not None:
-        ids["uid"] = int(args.uid)
+        ids["uid"] = int(_number(args.uid, "uid", int, 0))
     if args.gid is not None:
-        ids["gid"] = int(args.gid)
+        ids["gid"] = int(_number(args.gid, "gid", int, 0))
     return MountConfig(
         **ids,
         target=target,

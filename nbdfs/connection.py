@@ -147,6 +147,9 @@ async def _start_tls(
             " add ?tls-hostname=NAME to the URI"
         )
     ssl_stream = trio.SSLStream(stream, tls.context(), server_hostname=server_name)
+    session = tls.sessions.get(target.describe())
+    if session is not None:
+        ssl_stream.session = session  # resume: no certificate exchange, one round trip less
     try:
         await ssl_stream.do_handshake()
     except trio.BrokenResourceError as exc:
@@ -154,7 +157,13 @@ async def _start_tls(
         if isinstance(cause, ssl.SSLError):
             raise TlsError(describe_ssl_error(cause)) from None
         raise TlsError("server closed the connection during the TLS handshake") from None
-    log.info("TLS with %s: %s, %s", target.describe(), ssl_stream.version(), ssl_stream.cipher()[0])
+    log.info(
+        "TLS with %s: %s, %s%s",
+        target.describe(),
+        ssl_stream.version(),
+        ssl_stream.cipher()[0],
+        ", session resumed" if ssl_stream.session_reused else "",
+    )
     return ssl_stream
 
 
@@ -167,7 +176,13 @@ async def _handshake(
     stream: trio.abc.Stream = await open_stream(target, user_timeout)
     handshake = Handshake(tls.mode)
     try:
-        return await drive(stream, make_steps(handshake), tls, target)
+        stream, result = await drive(stream, make_steps(handshake), tls, target)
+        if isinstance(stream, trio.SSLStream) and stream.session and stream.session.has_ticket:
+            # Keep the (TLS 1.3: post-handshake) session ticket for the next connection.
+            # (nbdkit 1.32 and qemu-nbd 7.2 issue none, so with them every connection does a
+            # full handshake; tests/test_tls.py pins that.)
+            tls.sessions[target.describe()] = stream.session
+        return stream, result
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await trio.aclose_forcefully(stream)
         if handshake.tls_active:

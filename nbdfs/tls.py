@@ -30,6 +30,8 @@ class TlsConfig:
     psk_file: str | None = None  # "username:hexkey" lines, as nbdkit and qemu read them
     username: str | None = None  # which line of psk_file; default: the local user name
     _context: ssl.SSLContext | None = field(default=None, repr=False)
+    # The last TLS session per server, so pooled and re-established connections resume it.
+    sessions: dict[str, ssl.SSLSession] = field(default_factory=dict, repr=False)
 
     def context(self) -> ssl.SSLContext:
         """The client context, built once and shared by every connection."""

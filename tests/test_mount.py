@@ -245,6 +245,11 @@ def test_mount_errors_are_one_line(tmp: Path) -> None:
     with nbdkit("memory", "1M") as srv:
         proc = run_nbdfs("mount", srv.address, str(tmp), "-C", "0", check=False)
         assert proc.returncode == 2 and "--connections" in proc.stderr
+        proc = run_nbdfs("mount", srv.address, str(tmp), "-o", "connections=many", check=False)
+        assert (
+            proc.returncode == 2
+            and proc.stderr == "nbdfs: --connections takes a number, not 'many'\n"
+        )
 
 
 def test_sigterm_flushes_unmounts_and_exits_zero(tmp: Path) -> None:

@@ -308,3 +308,33 @@ def test_tls_psk(tmp: Path) -> None:
             keys, "bob"
         )
         assert client(wrong, "alice").startswith("error")
+
+
+def test_every_connection_does_its_own_tls_handshake(
+    pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each new connection does STARTTLS and a TLS handshake of its own. nbdfs would resume
+    a session from a ticket, but nbdkit 1.32 issues none: pinned here, so a server that
+    starts issuing tickets shows up as a change to look at."""
+    import logging
+
+    import trio
+
+    from nbdfs.connection import probe_export
+    from nbdfs.handshake import TlsMode
+    from nbdfs.target import parse_target
+    from nbdfs.tls import TlsConfig
+
+    caplog.set_level(logging.INFO, logger="nbdfs.connection")
+    tls = TlsConfig(TlsMode.REQUIRE, str(pki))
+    with nbdkit("--tls=require", f"--tls-certificates={pki}", "memory", "1M") as srv:
+
+        async def twice() -> None:
+            for _ in range(2):
+                session = await probe_export(parse_target(srv.address), tls, "")
+                assert session.tls
+
+        trio.run(twice)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TLS with")]
+    assert len(lines) == 2 and not any("resumed" in line for line in lines)
+    assert tls.sessions == {}  # no ticket from this server
