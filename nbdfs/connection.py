@@ -306,10 +306,18 @@ class Connection:
 
     async def run_reader(self) -> None:
         """Read replies until the stream ends; wake each waiter with its reply."""
+        # On a plain socket, receive into one reused buffer: receive_some() would allocate
+        # (and the kernel zero) a fresh 256 KiB object for every reply, however small.
+        sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+        buffer = bytearray(_RECEIVE_SIZE)
+        view = memoryview(buffer)
         try:
             while True:
                 try:
-                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                    if sock is not None:
+                        data: bytes | bytearray | memoryview = view[: await sock.recv_into(buffer)]
+                    else:
+                        data = await self._stream.receive_some(_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     if self.core.closed and not self._waiters:
                         return
