@@ -100,6 +100,27 @@ def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
         log.info("cannot raise the kernel read-ahead of %s: %s", mountpoint, exc)
 
 
+def mount_failure(mountpoint: str, options: set[str], exc: Exception) -> str:
+    """Why FUSE would not mount, as far as we can tell, and what to do about it."""
+    if "allow_other" in options and os.geteuid() != 0:
+        try:
+            with open("/etc/fuse.conf") as f:
+                allowed = any(line.strip() == "user_allow_other" for line in f)
+        except OSError:
+            allowed = False
+        if not allowed:
+            return (
+                "-o allow_other needs 'user_allow_other' in /etc/fuse.conf when not root;"
+                " add it there (as root) or drop allow_other"
+            )
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1] == mountpoint for line in f):
+            return f"{mountpoint} is already a mount point; unmount it first or pick another directory"
+    if not os.access(mountpoint, os.W_OK):
+        return f"cannot mount on {mountpoint}: you may not write to it (mount where you own the directory)"
+    return f"cannot mount on {mountpoint}: {exc} (see the log for FUSE's reason)"
+
+
 async def refresh_exports(fs: NbdFs, config: MountConfig) -> None:
     """Every ``config.refresh`` seconds, show the server's current export list."""
     while True:
@@ -147,7 +168,7 @@ async def run_mount(
         try:
             pyfuse3.init(fs, mountpoint, options)
         except RuntimeError as exc:
-            ready(f"cannot mount on {mountpoint}: {exc}")
+            ready(mount_failure(mountpoint, options, exc))
             nursery.cancel_scope.cancel()
             return
         log.info(
