@@ -278,7 +278,10 @@ class ExportIO:
                     b0, b1 = b * cb, min(b * cb + cb, self.size)
                     lo, hi = max(offset, b0), min(end, b1)
                     if lo == b0 and hi == b1:
-                        updates[b] = bytes(view[lo - offset : hi - offset])
+                        # A whole block written is dropped, not stored: copying it into the
+                        # cache cost as much as the write itself, and the kernel's page
+                        # cache already holds what a buffered writer reads back.
+                        updates[b] = None
                     else:
                         updates[b] = self.cache.patch(b, lo - b0, view[lo - offset : hi - offset])
             self.cache.end_write(started, updates, ok)

@@ -24,7 +24,7 @@ from .connection import list_exports
 from .errors import NbdError, TargetError
 from .fs import STATUS_XATTR, MountConfig
 from .handshake import Export, TlsMode
-from .mount import MountError, fuse_options, run_mount, set_io_flusher
+from .mount import MountError, fuse_options, run_mount, set_io_flusher, tune_malloc
 from .target import Target, parse_target
 from .tls import TlsConfig
 
@@ -525,6 +525,7 @@ def _serve(
             notify(message)
 
     set_io_flusher()
+    tune_malloc()
     trio.run(run_mount, config, mountpoint, options, ready)
     if error:
         if notify is None:

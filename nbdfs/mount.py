@@ -30,6 +30,24 @@ class MountError(NbdError):
     """The mount itself failed (mountpoint, FUSE)."""
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def tune_malloc() -> None:
+    """Keep large buffers (FUSE writes, NBD reads: up to 32 MiB) in the heap for reuse.
+
+    By default glibc mmaps every allocation above 128 KiB and unmaps it on free, so each
+    1 MiB request paid for fresh pages: page faults and zeroing, measured as a large share
+    of the daemon's CPU time on the write path.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 32 << 20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def set_io_flusher() -> None:
     """Mark the daemon as an I/O flusher (Linux 5.6+), as loop and nbd helpers should be.
 
@@ -115,7 +133,9 @@ def mount_failure(mountpoint: str, options: set[str], exc: Exception) -> str:
             )
     with open("/proc/self/mounts") as f:
         if any(line.split()[1] == mountpoint for line in f):
-            return f"{mountpoint} is already a mount point; unmount it first or pick another directory"
+            return (
+                f"{mountpoint} is already a mount point; unmount it first or pick another directory"
+            )
     if not os.access(mountpoint, os.W_OK):
         return f"cannot mount on {mountpoint}: you may not write to it (mount where you own the directory)"
     return f"cannot mount on {mountpoint}: {exc} (see the log for FUSE's reason)"
