@@ -77,6 +77,13 @@ async def _concurrently(*calls: tuple[Callable[..., Awaitable[None]], tuple[obje
         raise
 
 
+def _all_zero(data: memoryview) -> bool:
+    """Whether ``data`` is all zero bytes; cheap for the usual non-zero data."""
+    if not data or data[0] or data[-1]:
+        return not data
+    return not data.tobytes().strip(b"\0")
+
+
 def _power_of_two_at_most(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
@@ -287,9 +294,18 @@ class ExportIO:
             self.cache.end_write(started, updates, ok)
 
     async def _write_piece(self, start: int, piece: memoryview, fua: bool) -> None:
-        await self.pool.run(
-            lambda c: c.write(start, piece, fua), journal=None if fua else (start, piece)
-        )
+        assert self.export is not None
+        if self.export.flags & TransmissionFlag.SEND_WRITE_ZEROES and _all_zero(piece):
+            # Nothing to carry on the wire, and a sparse export stays sparse (the server may
+            # punch a hole: NBD_CMD_FLAG_NO_HOLE is not set).
+            await self.pool.run(
+                lambda c: c.write_zeroes(start, len(piece), fua),
+                journal=None if fua else (start, piece),
+            )
+        else:
+            await self.pool.run(
+                lambda c: c.write(start, piece, fua), journal=None if fua else (start, piece)
+            )
         self.pool.stats.bytes_written += len(piece)
 
     async def flush(self) -> None:

@@ -133,3 +133,33 @@ def test_connections_open_lazily_even_with_many_exports(tmp: Path) -> None:
 def tcp_connections(log: Path) -> set[int]:
     """nbdkit's log numbers TCP connections in its Preconnect lines (Connect is per open)."""
     return {int(m.group(1)) for m in re.finditer(r"\.\.\.Preconnect id=(\d+)", log.read_text())}
+
+
+def test_all_zero_writes_go_as_write_zeroes(tmp: Path) -> None:
+    log = tmp / "nbdkit.log"
+    with nbdkit("--filter=log", "memory", "16M", f"logfile={log}") as srv:
+        with mounted(srv.address, tmp / "mnt") as mnt:
+            fd = os.open(mnt / "%default%", os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x" * 65536, 0)
+                os.pwrite(fd, b"\0" * (1 << 20), 1 << 20)  # (touched pages, not calloc's)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            assert (mnt / "%default%").read_bytes()[: 2 << 20] == b"x" * 65536 + bytes(
+                (2 << 20) - 65536
+            )
+            events = log_events(log)
+
+    def ranges(kind: str) -> list[tuple[int, int]]:
+        out = []
+        for _, e, rest in events:
+            if e == kind:
+                fields = dict(f.split("=", 1) for f in rest.split() if "=" in f)
+                out.append((int(fields["offset"], 16), int(fields["count"], 16)))
+        return out
+
+    assert ranges("Write") == [(0, 65536)]
+    zeroes = ranges("Zero")
+    assert zeroes and all((1 << 20) <= o and o + n <= (2 << 20) for o, n in zeroes)
+    assert sum(n for _, n in zeroes) == 1 << 20
