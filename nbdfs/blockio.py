@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from .cache import BlockCache, Fetch
+from .cache import Block, BlockCache, Fetch
 from .errors import NbdError
 from .handshake import Export
 from .pool import ExportPool
@@ -122,7 +122,7 @@ class ExportIO:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes | memoryview:
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         await self._setup()
         end = min(offset + length, self.size)
         if offset >= end:
@@ -148,19 +148,19 @@ class ExportIO:
         # pyfuse3 takes any buffer: a slice of one block is passed on without a copy.
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fetches_for(self, blocks: range, count: bool = True) -> list[tuple[int, bytes | Fetch]]:
+    def _fetches_for(self, blocks: range, count: bool = True) -> list[tuple[int, Block | Fetch]]:
         """For each block, its cached bytes or the fetch that will bring them (started here).
 
         ``count``: whether lookups count as cache hits and misses (not for read-ahead).
         """
-        out: list[tuple[int, bytes | Fetch]] = []
+        out: list[tuple[int, Block | Fetch]] = []
         run: list[tuple[int, Fetch]] = []
         per_request = max(1, self.maximum // self.cache.block_size)
         for b in blocks:
             cached = self.cache.get(b, count)
             if cached is not None:
                 out.append((b, cached))
-                item: bytes | Fetch | None = None
+                item: Block | Fetch | None = None
             else:
                 item = self.cache.fetching(b)
                 if item is None:
@@ -216,6 +216,11 @@ class ExportIO:
             self.pool.stats.bytes_read += len(data)
         except NbdError as exc:
             log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
+        if data is not None and len(run) == 1 and len(data) == end - start:
+            # One block, read for itself (the usual random read): the buffer the reply
+            # was received into becomes the cached block as it is, without a copy.
+            self.cache.end_fetch(run[0][0], run[0][1], data)
+            return
         view = memoryview(data) if data is not None else None
         for b, fetch in run:
             lo = b * cb - start
@@ -279,7 +284,7 @@ class ExportIO:
                 await self.pool.flush()
             ok = True
         finally:
-            updates: dict[int, bytes | None] = {}
+            updates: dict[int, Block | None] = {}
             if ok and self.cache.enabled:
                 for b in blocks:
                     b0, b1 = b * cb, min(b * cb + cb, self.size)

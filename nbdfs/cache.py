@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 import trio
 from cachetools import LRUCache
 
+# A cached block: immutable bytes, or the bytearray a one-block read was received into
+# (never written to afterwards; a patch makes a new object).
+Block = bytes | bytearray
+
 
 @dataclass(slots=True)
 class Fetch:
@@ -28,14 +32,14 @@ class Fetch:
 
     generation: int
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None  # None after ``done``: the fetch failed
+    data: Block | None = None  # None after ``done``: the fetch failed
 
 
 class BlockCache:
     def __init__(self, capacity: int, block_size: int) -> None:
         self.block_size = block_size
         self.capacity = capacity
-        self._lru: LRUCache[int, bytes] | None = (
+        self._lru: LRUCache[int, Block] | None = (
             LRUCache(maxsize=capacity, getsizeof=len) if capacity >= block_size else None
         )
         self._fetches: dict[int, Fetch] = {}
@@ -52,7 +56,7 @@ class BlockCache:
     def used(self) -> int:
         return int(self._lru.currsize) if self._lru is not None else 0
 
-    def get(self, block: int, count: bool = True) -> bytes | None:
+    def get(self, block: int, count: bool = True) -> Block | None:
         if self._lru is None:
             return None
         data = self._lru.get(block)
@@ -75,7 +79,7 @@ class BlockCache:
         self._fetches[block] = fetch
         return fetch
 
-    def end_fetch(self, block: int, fetch: Fetch, data: bytes | None) -> None:
+    def end_fetch(self, block: int, fetch: Fetch, data: Block | None) -> None:
         """Publish a fetch's result; cache it if no write touched the block meanwhile."""
         if self._fetches.get(block) is fetch:
             del self._fetches[block]
@@ -96,7 +100,7 @@ class BlockCache:
         return started
 
     def end_write(
-        self, started: dict[int, int], updates: dict[int, bytes | None], ok: bool
+        self, started: dict[int, int], updates: dict[int, Block | None], ok: bool
     ) -> None:
         """Finish a write: store the new contents of the blocks it covered, or drop them.
 
