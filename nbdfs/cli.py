@@ -297,7 +297,6 @@ def tls_config(args: argparse.Namespace, target: Target) -> TlsConfig:
         mode=mode,
         certificates=args.tls_certificates or target.tls_certificates,
         verify_peer=verify,
-        hostname=target.tls_hostname,
         psk_file=args.tls_psk or target.tls_psk_file,
         username=args.tls_username or target.tls_username,
     )

@@ -140,7 +140,7 @@ async def drive(
 async def _start_tls(
     stream: trio.abc.Stream, tls: TlsConfig, target: Target
 ) -> trio.SSLStream[trio.abc.Stream]:
-    server_name = tls.hostname or target.tls_server_name
+    server_name = target.tls_server_name
     if server_name is None and tls.verify_peer:
         raise TlsError(
             "no host name to check the server's certificate against (a Unix socket):"

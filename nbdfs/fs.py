@@ -73,9 +73,8 @@ class Handle:
 
 def _errno_for(exc: BaseException) -> int:
     """The errno a backend failure becomes. One place, so every handler agrees."""
-    if isinstance(exc, CommandError):
-        return errno.EIO if exc.errno == errno.ESHUTDOWN else exc.errno
-    return errno.EIO
+    # (NBD_ESHUTDOWN never gets here: the connection turns it into a retry.)
+    return exc.errno if isinstance(exc, CommandError) else errno.EIO
 
 
 def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -93,16 +92,6 @@ def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corouti
                 "%s failed: %s (returning %s)", fn.__name__, exc, errno.errorcode.get(code, code)
             )
             raise pyfuse3.FUSEError(code) from None
-        except BaseExceptionGroup as group:
-            match, _ = group.split(NbdError)
-            if match is None:
-                log.exception("%s failed unexpectedly", fn.__name__)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            leaf: BaseException = match
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            log.warning("%s failed: %s", fn.__name__, leaf)
-            raise pyfuse3.FUSEError(_errno_for(leaf)) from None
         except trio.Cancelled:
             raise
         except Exception:

@@ -212,7 +212,6 @@ class Handshake:
 
     Args:
         tls: the user's TLS policy.
-        tls_available: whether the shell can upgrade at all (has a TLS context).
     """
 
     def __init__(self, tls: TlsMode = TlsMode.DISABLE) -> None:
@@ -234,8 +233,8 @@ class Handshake:
                 return (yield from self._export_name(name, structured=False))
             yield from self._maybe_starttls()
             return (yield from self._go(name))
-        except ConnectError as exc:
-            yield from self._abort(exc)
+        except ConnectError:
+            yield from self._abort()
             raise
 
     def list_exports(self, name: str | None = None) -> Generator[Action, bytes | None, Listing]:
@@ -269,10 +268,10 @@ class Handshake:
                     info_supported = export is not None
                 exports.append(export or Export(export_name, description=description))
             listing = Listing(exports, tls=self.tls_active)
-        except ConnectError as exc:
-            yield from self._abort(exc)
+        except ConnectError:
+            yield from self._abort()
             raise
-        yield from self._abort(None)
+        yield from self._abort()
         return listing
 
     # -- steps -----------------------------------------------------------------------------
@@ -434,7 +433,7 @@ class Handshake:
         export = Export(name, esize, self._check_flags(flags))
         return Session(export, structured, {}, self.tls_active, block_size_requested=False)
 
-    def _abort(self, exc: Exception | None) -> Generator[Action, bytes | None, None]:
+    def _abort(self) -> Generator[Action, bytes | None, None]:
         """Soft disconnect: the only way a client may end haggling (unless it must hard-close)."""
         if self._can_abort:
             self._can_abort = False

@@ -26,7 +26,6 @@ class TlsConfig:
     mode: TlsMode = TlsMode.DISABLE
     certificates: str | None = None
     verify_peer: bool = True
-    hostname: str | None = None  # the name the certificate must carry
     psk_file: str | None = None  # "username:hexkey" lines, as nbdkit and qemu read them
     username: str | None = None  # which line of psk_file; default: the local user name
     _context: ssl.SSLContext | None = field(default=None, repr=False)

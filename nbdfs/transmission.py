@@ -114,7 +114,6 @@ class Transmission:
         self.maximum = (
             min(block.maximum, wire.DEFAULT_MAX_PAYLOAD) if block else wire.DEFAULT_MAX_PAYLOAD
         )
-        self.preferred = block.preferred if block else wire.DEFAULT_PREFERRED_BLOCK
         self._pending: dict[int, _Pending] = {}
         self._next_cookie = 1
         self._buf = bytearray()

@@ -174,8 +174,6 @@ MAX_META_CONTEXTS = 64  # NBD_REP_META_CONTEXT replies to one SET_META_CONTEXT
 # "Size constraints": payloads up to 2^25 are never a denial of service; the default
 # maximum a client desiring interoperability should use when none is advertised.
 DEFAULT_MAX_PAYLOAD = 1 << 25
-DEFAULT_MIN_BLOCK = 1
-DEFAULT_PREFERRED_BLOCK = 4096
 MAX_MIN_BLOCK = 1 << 16  # "MUST NOT be larger than 2^16"
 MAX_EXTENTS = 1 << 20  # "SHOULD NOT send more than 2^20 extents in a single reply chunk"
 META_CONTEXT_ALLOCATION = "base:allocation"
