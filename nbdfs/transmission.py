@@ -116,7 +116,10 @@ class Transmission:
         )
         self._pending: dict[int, _Pending] = {}
         self._next_cookie = 1
-        self._buf = bytearray()
+        # Received bytes not yet parsed: our own bytearray, or (between receive_data() and
+        # the next_event() that returns None) the caller's buffer itself, parsed in place.
+        self._buf: bytearray | memoryview = bytearray()
+        self._borrowed = False
         self._pos = 0
         self._head: tuple[int, int, int, int, int] | None = None  # parsed header awaiting payload
         self._sink: _Sink | None = None
@@ -198,6 +201,11 @@ class Transmission:
     # -- replies -----------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Take bytes from the server.
+
+        ``data`` is parsed in place where possible: its buffer may be reused once
+        :meth:`next_event` has returned ``None``, not before.
+        """
         sink = self._sink
         if sink is not None and sink.filled < len(sink.view):
             # The bulk of a read goes straight where it belongs, without a stop in _buf.
@@ -207,13 +215,40 @@ class Transmission:
             if n == len(data):
                 return
             data = memoryview(data)[n:]
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
+        if self._pos == len(self._buf):
+            # Nothing left over: parse the caller's bytes where they are (no copy).
+            self._buf = memoryview(data)
+            self._borrowed = True
             self._pos = 0
-        elif self._pos > 1 << 20 and self._pos > len(self._buf) // 2:
+            return
+        self._own()
+        assert isinstance(self._buf, bytearray)
+        if self._pos > 1 << 20 and self._pos > len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
+
+    def _own(self) -> None:
+        """Copy what is left of a borrowed buffer into our own."""
+        if self._borrowed:
+            self._buf = bytearray(self._buf[self._pos :])
+            self._borrowed = False
+            self._pos = 0
+
+    def sink_space(self) -> memoryview | None:
+        """Where the read payload being received still goes, so a caller can receive into
+        it directly (then report the count with :meth:`sink_received`); None if no payload
+        is being received."""
+        sink = self._sink
+        if sink is None or sink.filled >= len(sink.view):
+            return None
+        return sink.view[sink.filled :]
+
+    def sink_received(self, n: int) -> None:
+        """``n`` bytes were received straight into :meth:`sink_space`."""
+        sink = self._sink
+        assert sink is not None and 0 <= n <= len(sink.view) - sink.filled
+        sink.filled += n
 
     def pending_bytes(self) -> int:
         """How many received bytes are not yet parsed (for tests and truncation checks)."""
@@ -225,6 +260,7 @@ class Transmission:
             if self._sink is not None:
                 sink = self._sink
                 if sink.filled < len(sink.view):
+                    self._own()
                     return None
                 self._sink = None
                 sink.view.release()
@@ -233,14 +269,17 @@ class Transmission:
                 continue
             if self._head is None:
                 if not self._parse_header():
+                    self._own()
                     return None
             assert self._head is not None
             kind, flags, rtype, cookie, length = self._head
             if length and (kind == 0 or rtype == ReplyType.OFFSET_DATA):
                 if not self._start_sink(kind, flags, cookie, length):
+                    self._own()
                     return None
                 continue
             if self.pending_bytes() < length:
+                self._own()
                 return None
             payload = memoryview(self._buf)[self._pos : self._pos + length]
             try:
