@@ -131,8 +131,10 @@ class ExportIO:
             return await self._read_direct(offset, end)
         cb = self.cache.block_size
         first, last = offset // cb, (end - 1) // cb
-        fetches = self._fetches_for(range(first, last + 1))
+        fetches, mine = self._fetches_for(range(first, last + 1), inline=True)
         self._maybe_readahead(offset, end, last)
+        if mine:
+            await self._fetch_run(mine)  # in this task: no task to spawn and wake
         parts = []
         for b, item in fetches:
             if isinstance(item, Fetch):
@@ -148,12 +150,18 @@ class ExportIO:
         # pyfuse3 takes any buffer: a slice of one block is passed on without a copy.
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fetches_for(self, blocks: range, count: bool = True) -> list[tuple[int, Block | Fetch]]:
-        """For each block, its cached bytes or the fetch that will bring them (started here).
+    def _fetches_for(
+        self, blocks: range, count: bool = True, inline: bool = False
+    ) -> tuple[list[tuple[int, Block | Fetch]], list[tuple[int, Fetch]]]:
+        """For each block, its cached bytes or the fetch that will bring them.
 
-        ``count``: whether lookups count as cache hits and misses (not for read-ahead).
+        Fetches are started here, a run of adjacent blocks per request, each in a task of
+        its own; with ``inline`` the last run is returned instead, for the caller to await
+        :meth:`_fetch_run` on itself. ``count``: whether lookups count as cache hits and
+        misses (not for read-ahead).
         """
         out: list[tuple[int, Block | Fetch]] = []
+        runs: list[list[tuple[int, Fetch]]] = []
         run: list[tuple[int, Fetch]] = []
         per_request = max(1, self.maximum // self.cache.block_size)
         for b in blocks:
@@ -167,17 +175,20 @@ class ExportIO:
                     fetch = self.cache.start_fetch(b)
                     out.append((b, fetch))
                     if run and (run[-1][0] != b - 1 or len(run) >= per_request):
-                        self._nursery.start_soon(self._fetch_run, run)
+                        runs.append(run)
                         run = []
                     run.append((b, fetch))
                     continue
                 out.append((b, item))
             if run:
-                self._nursery.start_soon(self._fetch_run, run)
+                runs.append(run)
                 run = []
         if run:
-            self._nursery.start_soon(self._fetch_run, run)
-        return out
+            runs.append(run)
+        mine = runs.pop() if inline and runs else []
+        for r in runs:
+            self._nursery.start_soon(self._fetch_run, r)
+        return out, mine
 
     def _maybe_readahead(self, offset: int, end: int, last: int) -> None:
         """Keep a sequential reader's next blocks coming, in few large requests.
@@ -216,6 +227,10 @@ class ExportIO:
             self.pool.stats.bytes_read += len(data)
         except NbdError as exc:
             log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
+        except BaseException:  # cancelled: other readers of these blocks must not wait forever
+            for b, fetch in run:
+                self.cache.end_fetch(b, fetch, None)
+            raise
         if data is not None and len(run) == 1 and len(data) == end - start:
             # One block, read for itself (the usual random read): the buffer the reply
             # was received into becomes the cached block as it is, without a copy.

@@ -124,6 +124,7 @@ class Transmission:
         self._head: tuple[int, int, int, int, int] | None = None  # parsed header awaiting payload
         self._sink: _Sink | None = None
         self.closed = False
+        self._allowed = frozenset(cmd for cmd in Cmd if self.can(cmd))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -155,14 +156,15 @@ class Transmission:
         """
         if self.closed:
             raise LocalProtocolError("connection is disconnecting; no more requests")
-        if not self.can(cmd):
+        if cmd not in self._allowed:
             raise LocalProtocolError(f"export does not allow NBD_CMD_{cmd.name}")
-        for flag, needed in _FLAG_NEEDS.items():
-            if flags & flag and not self.flags & needed:
-                raise LocalProtocolError(f"export does not allow NBD_CMD_FLAG_{flag.name}")
-        for flag, commands in _FLAG_COMMANDS.items():
-            if flags & flag and cmd not in commands:
-                raise LocalProtocolError(f"NBD_CMD_FLAG_{flag.name} is not valid on {cmd.name}")
+        if flags:  # (enum arithmetic is slow: plain reads and writes skip it)
+            for flag, needed in _FLAG_NEEDS.items():
+                if flags & flag and not self.flags & needed:
+                    raise LocalProtocolError(f"export does not allow NBD_CMD_FLAG_{flag.name}")
+            for flag, commands in _FLAG_COMMANDS.items():
+                if flags & flag and cmd not in commands:
+                    raise LocalProtocolError(f"NBD_CMD_FLAG_{flag.name} is not valid on {cmd.name}")
         if cmd in _RANGED:
             if offset < 0 or length <= 0 or offset + length > self.size:
                 raise LocalProtocolError(
