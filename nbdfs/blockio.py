@@ -63,6 +63,10 @@ class RangeLock:
 
 async def _concurrently(*calls: tuple[Callable[..., Awaitable[None]], tuple[object, ...]]) -> None:
     """Run calls side by side; raise the first :class:`NbdError` itself, not a group."""
+    if len(calls) == 1:  # the usual case: no nursery, no task
+        fn, args = calls[0]
+        await fn(*args)
+        return
     try:
         async with trio.open_nursery() as nursery:
             for fn, args in calls:
