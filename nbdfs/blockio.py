@@ -103,6 +103,7 @@ class ExportIO:
         self._ranges = RangeLock()
         self._next_sequential = -1
         self._readahead = 0
+        self._ahead: set[int] = set()  # blocks read ahead and not yet read
         self.export: Export | None = None
         self.cache = BlockCache(0, CACHE_BLOCK)
 
@@ -136,12 +137,17 @@ class ExportIO:
         cb = self.cache.block_size
         first, last = offset // cb, (end - 1) // cb
         fetches, mine = self._fetches_for(range(first, last + 1), inline=True)
+        sequential = offset == self._next_sequential
         self._maybe_readahead(offset, end, last)
         if mine:
             await self._fetch_run(mine)  # in this task: no task to spawn and wake
         parts = []
         for b, item in fetches:
+            fresh = b in self._ahead  # read ahead, never read until now
+            if fresh:
+                self._ahead.discard(b)
             if isinstance(item, Fetch):
+                fresh = True
                 await item.done.wait()
                 if item.data is None:
                     raise ReadFailed(f"reading block {b} of export {self.pool.name!r} failed")
@@ -151,6 +157,12 @@ class ExportIO:
             lo = max(offset - b * cb, 0)
             hi = min(end - b * cb, len(data))
             parts.append(memoryview(data)[lo:hi] if lo or hi < len(data) else data)
+            if sequential and fresh and not lo and hi == len(data):
+                # Fetched for a sequential reader, which is done with it now (and the
+                # kernel's page cache has it unless O_DIRECT): forget it, so a long scan
+                # neither evicts the working set nor grows the heap block by block;
+                # read-ahead refills from the memory this frees.
+                self.cache.forget(b)
         # pyfuse3 takes any buffer: a slice of one block is passed on without a copy.
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -216,7 +228,10 @@ class ExportIO:
         while b <= top and (self.cache.holds(b) or self.cache.fetching(b) is not None):
             b += 1
         if b <= top and b - last <= window // 2 + 1:
-            self._fetches_for(range(b, top + 1), count=False)
+            fetches, _ = self._fetches_for(range(b, top + 1), count=False)
+            if len(self._ahead) > 4 * READAHEAD_MAX // cb:
+                self._ahead.clear()  # marks of blocks evicted unread; losing them is harmless
+            self._ahead.update(blk for blk, item in fetches if isinstance(item, Fetch))
 
     async def _fetch_run(self, run: list[tuple[int, Fetch]]) -> None:
         cb = self.cache.block_size

@@ -67,6 +67,11 @@ class BlockCache:
                 self.hits += 1
         return data
 
+    def forget(self, block: int) -> None:
+        """Drop a block from the cache (if there)."""
+        if self._lru is not None:
+            self._lru.pop(block, None)
+
     def holds(self, block: int) -> bool:
         """Whether the block is cached (without refreshing it in the LRU order)."""
         return self._lru is not None and block in self._lru

@@ -96,6 +96,41 @@ def test_status_reports_the_io_done(tmp: Path) -> None:
 
 
 @pytest.mark.fuse
+def test_a_sequential_scan_leaves_the_working_set_cached(tmp: Path) -> None:
+    """Blocks read ahead for a sequential reader are dropped once read: a scan of the whole
+    export through a small cache keeps the hot blocks (read through the status counters)."""
+    import mmap
+
+    def cache() -> dict[str, int]:
+        status = json.loads(run_nbdfs("status", "--json", str(mnt)).stdout)
+        return status["exports"][0]["cache"]  # type: ignore[no-any-return]
+
+    with (
+        nbdkit("pattern", "64M") as srv,
+        mounted(srv.address, tmp / "mnt", "--cache-size=4M") as mnt,
+    ):
+        fd = os.open(mnt / "%default%", os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, MiB)
+            hot = [i * 64 * 1024 for i in range(0, 2 * 16, 3)]  # scattered 4K reads
+            for off in hot * 2:
+                os.preadv(fd, [memoryview(buf)[:4096]], off)
+            before = cache()
+            for off in range(0, 64 * MiB, MiB):  # the scan: 16 times the cache's size
+                assert os.preadv(fd, [buf], off) == MiB
+                assert buf[:8] == off.to_bytes(8, "big")  # (pattern: each 8 bytes its offset)
+            after_scan = cache()
+            for off in hot:
+                os.preadv(fd, [memoryview(buf)[:4096]], off)
+            after = cache()
+        finally:
+            os.close(fd)
+    assert after_scan["used"] <= 2 * MiB, after_scan  # the scan did not fill the cache
+    assert after["misses"] == after_scan["misses"], (before, after_scan, after)
+    assert after["hits"] >= after_scan["hits"] + len(hot)
+
+
+@pytest.mark.fuse
 def test_umount_command(tmp: Path) -> None:
     with nbdkit("memory", "1M") as srv:
         mnt = tmp / "mnt"
