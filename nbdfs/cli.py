@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-r", "--readonly", action="store_true", help="mount read-only (files are 0444)"
     )
     p_mount.add_argument(
+        "--kernel-cache",
+        action="store_true",
+        help="keep the kernel's page cache of a file when it is opened again (fast re-reads);"
+        " safe only while nothing else writes to the exports (see nbdfs(1))",
+    )
+    p_mount.add_argument(
         "-C",
         "--connections",
         type=int,
@@ -152,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: the ones above as name=value (ro, connections=N, cache_size=SIZE,"
-        " timeout=S, tls=MODE, tls_certificates=DIR), or FUSE options such as allow_other",
+        help="mount options: the ones above as name=value (ro, kernel_cache, connections=N,"
+        " cache_size=SIZE, timeout=S, tls=MODE, tls_certificates=DIR), or FUSE options such as"
+        " allow_other",
     )
     p_mount.add_argument(
         "--refresh",
@@ -400,6 +407,8 @@ def parse_size(text: str) -> int:
 _OPTION_KEYS = {
     "ro": "readonly",
     "readonly": "readonly",
+    "kernel_cache": "kernel_cache",
+    "kernel-cache": "kernel_cache",
     "connections": "connections",
     "cache_size": "cache_size",
     "cache-size": "cache_size",
@@ -439,8 +448,8 @@ def split_mount_options(args: argparse.Namespace) -> set[str]:
                 if key not in _IGNORED and not key.startswith("x-"):
                     fuse.add(opt)
                 continue
-            if attr == "readonly":
-                args.readonly = True
+            if attr in ("readonly", "kernel_cache"):  # flags
+                setattr(args, attr, True)
             elif getattr(args, attr) is None:
                 if not value:
                     raise TargetError(f"-o {key} needs a value: -o {key}=VALUE")
@@ -481,6 +490,7 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
         target=target,
         tls=tls_config(args, target),
         readonly=args.readonly,
+        kernel_cache=args.kernel_cache,
         connections=connections,
         cache_size=cache,
         refresh=refresh,

@@ -46,6 +46,7 @@ class MountConfig:
     target: Target
     tls: TlsConfig
     readonly: bool = False
+    kernel_cache: bool = False  # keep the page cache across opens (nbdfs the only writer)
     connections: int = 4
     cache_size: int = 256 << 20
     timeout: float = 60.0
@@ -332,8 +333,13 @@ class NbdFs(pyfuse3.Operations):
         self._handles[fh] = Handle(node, bool(flags & (os.O_SYNC | os.O_DSYNC)), writable)
         self._io(node)
         # O_DIRECT (e.g. losetup --direct-io=on) bypasses the kernel's page cache, as asked.
+        # Otherwise the kernel drops a file's cached pages at each open, unless told to keep
+        # them (--kernel-cache): right only while all writes come through this mount.
+        direct = bool(flags & os.O_DIRECT)
         return pyfuse3.FileInfo(
-            fh=pyfuse3.FileHandleT(fh), direct_io=bool(flags & os.O_DIRECT), keep_cache=False
+            fh=pyfuse3.FileHandleT(fh),
+            direct_io=direct,
+            keep_cache=self.config.kernel_cache and not direct,
         )
 
     def _handle(self, fh: int) -> Handle:

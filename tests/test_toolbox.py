@@ -131,6 +131,33 @@ def test_a_sequential_scan_leaves_the_working_set_cached(tmp: Path) -> None:
 
 
 @pytest.mark.fuse
+@pytest.mark.parametrize("kernel_cache", [False, True])
+def test_kernel_cache_keeps_pages_across_opens(tmp: Path, kernel_cache: bool) -> None:
+    """--kernel-cache: a file opened again is read from the page cache, and still shows
+    what was written through the mount; without it every open reads through nbdfs."""
+
+    def lookups() -> int:
+        status = json.loads(run_nbdfs("status", "--json", str(mnt)).stdout)
+        c = status["exports"][0]["cache"]
+        return int(c["hits"] + c["misses"])
+
+    extra = ["-o", "kernel_cache"] if kernel_cache else []
+    with nbdkit("memory", "4M") as srv, mounted(srv.address, tmp / "mnt", *extra) as mnt:
+        path = mnt / "%default%"
+        data = os.urandom(MiB)
+        with open(path, "r+b") as f:
+            f.write(data)
+        assert path.read_bytes()[:MiB] == data
+        before = lookups()
+        assert path.read_bytes()[:MiB] == data  # opened again
+        assert (lookups() == before) == kernel_cache
+        with open(path, "r+b") as f:
+            f.seek(4096)
+            f.write(b"new")
+        assert path.read_bytes()[4096:4099] == b"new"
+
+
+@pytest.mark.fuse
 def test_umount_command(tmp: Path) -> None:
     with nbdkit("memory", "1M") as srv:
         mnt = tmp / "mnt"
