@@ -209,6 +209,11 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio figure (default 8)")
     ap.add_argument("--nbdfs-option", action="append", default=[], help="extra nbdfs mount option")
     ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="run just the rows whose name contains TEXT (e.g. 'seq read'); no files written",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the page cache must be dropped before cold figures")
@@ -245,6 +250,8 @@ def main() -> None:
                 ).extend(raw)
                 units["nbdcopy to null (raw NBD)"] = "MB/s"
                 for name, unit, measure in rows(size, args.runtime, rnd):
+                    if args.only and args.only not in name:
+                        continue
                     units[name] = unit
                     order = [("nbdfuse", nbdfuse, ()), ("nbdfs", nbdfs, (args.nbdfs_option,))]
                     if r % 2:
@@ -263,6 +270,12 @@ def main() -> None:
                                 moved = size if "read" in name else min(size, 256 * MiB)
                                 cpu_per_gib.append((cpu1 - cpu0) / (moved / (1 << 30)))
                         print(f"round {r + 1}: {name:30} {tool:8} {value:12.1f} {unit}", flush=True)
+    if args.only:
+        for name, per in results.items():
+            a, b = (statistics.median(per.get(t, [0])) for t in ("nbdfuse", "nbdfs"))
+            if a and b:
+                print(f"{name}: nbdfuse {a:.0f}, nbdfs {b:.0f}, ratio {b / a:.2f}")
+        return
     table = report(results, units, rss, cpu_per_gib)
     print()
     print(table)

@@ -28,6 +28,14 @@ CACHE_BLOCK = 32 * 1024  # cache granularity; clamped to the export's constraint
 READAHEAD_MAX = 8 * 1024 * 1024  # how far ahead a sequential reader is served
 
 
+class RunBuffer(bytearray):
+    """The buffer one NBD read of several adjacent blocks was received into; the cached
+    blocks are views of it (no copy), and a read of consecutive blocks of it is one view."""
+
+    __slots__ = ("first",)
+    first: int  # block number of its first byte
+
+
 class ReadFailed(NbdError):
     """A read of this block failed (another reader's fetch reported it)."""
 
@@ -86,6 +94,20 @@ def _all_zero(data: memoryview) -> bool:
     if not data or data[0] or data[-1]:
         return not data
     return not data.tobytes().strip(b"\0")
+
+
+def _one_run(fetches: list[tuple[int, Block | Fetch]]) -> RunBuffer | None:
+    """The run buffer that holds all these (consecutive) blocks, if one does."""
+    first = fetches[0][1]
+    data = first.data if isinstance(first, Fetch) else first
+    if not isinstance(data, memoryview) or not isinstance(data.obj, RunBuffer):
+        return None
+    buf = data.obj
+    for _, item in fetches:
+        data = item.data if isinstance(item, Fetch) else item
+        if not isinstance(data, memoryview) or data.obj is not buf:
+            return None
+    return buf
 
 
 def _power_of_two_at_most(n: int) -> int:
@@ -154,6 +176,10 @@ class ExportIO:
                 data = item.data
             else:
                 data = item
+                if isinstance(data, memoryview) and not sequential:
+                    # A block read ahead that random reads use: keep a copy of its own, so
+                    # a hot block never pins the whole run it arrived with.
+                    data = self.cache.own(b, data)
             lo = max(offset - b * cb, 0)
             hi = min(end - b * cb, len(data))
             parts.append(memoryview(data)[lo:hi] if lo or hi < len(data) else data)
@@ -163,8 +189,15 @@ class ExportIO:
                 # neither evicts the working set nor grows the heap block by block;
                 # read-ahead refills from the memory this frees.
                 self.cache.forget(b)
-        # pyfuse3 takes any buffer: a slice of one block is passed on without a copy.
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        # pyfuse3 takes any buffer: a slice of one block, or of one run read ahead, is
+        # passed on without a copy.
+        if len(parts) == 1:
+            return parts[0]
+        run = _one_run(fetches)
+        if run is not None:
+            base = (first - run.first) * cb + offset - first * cb
+            return memoryview(run)[base : base + end - offset]
+        return b"".join(parts)
 
     def _fetches_for(
         self, blocks: range, count: bool = True, inline: bool = False
@@ -242,7 +275,12 @@ class ExportIO:
         try:
             if aligned_end > self.size:
                 raise ReadFailed("the export's size is not a multiple of its minimum block")
-            data = await self.pool.run(lambda c: c.read(start, aligned_end - start))
+            if len(run) == 1:
+                data = await self.pool.run(lambda c: c.read(start, aligned_end - start))
+            else:
+                data = await self.pool.run(
+                    lambda c: c.read(start, aligned_end - start, into=self._run_buffer(run))
+                )
             self.pool.stats.bytes_read += len(data)
         except NbdError as exc:
             log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
@@ -258,8 +296,16 @@ class ExportIO:
         view = memoryview(data) if data is not None else None
         for b, fetch in run:
             lo = b * cb - start
-            block = bytes(view[lo : min(lo + cb, end - start)]) if view is not None else None
-            self.cache.end_fetch(b, fetch, block)
+            self.cache.end_fetch(b, fetch, view[lo : min(lo + cb, end - start)] if view else None)
+
+    def _run_buffer(self, run: list[tuple[int, Fetch]]) -> RunBuffer:
+        """A fresh zeroed buffer for a read of ``run`` (fresh for each attempt: a reply cut
+        short by a lost connection must not leave bytes behind for the next one)."""
+        start = run[0][0] * self.cache.block_size
+        end = min((run[-1][0] + 1) * self.cache.block_size, self.size)
+        buf = RunBuffer(end + (-end % self.minimum) - start)
+        buf.first = run[0][0]
+        return buf
 
     async def _read_direct(self, offset: int, end: int) -> bytes:
         a0 = offset - offset % self.minimum

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import trio
 from cachetools import LRUCache
 
-# A cached block: immutable bytes, or the bytearray a one-block read was received into
-# (never written to afterwards; a patch makes a new object).
-Block = bytes | bytearray
+# A cached block: immutable bytes, or the bytearray a one-block read was received into, or
+# a view of the buffer a read of several blocks was received into (never written to
+# afterwards; a patch makes a new object).
+Block = bytes | bytearray | memoryview
 
 
 @dataclass(slots=True)
@@ -65,6 +66,13 @@ class BlockCache:
                 self.misses += 1
             else:
                 self.hits += 1
+        return data
+
+    def own(self, block: int, view: memoryview) -> bytes:
+        """Replace a cached view of a larger buffer by a copy of its bytes; return it."""
+        data = bytes(view)
+        if self._lru is not None and self._lru.get(block) is view:
+            self._lru[block] = data
         return data
 
     def forget(self, block: int) -> None:

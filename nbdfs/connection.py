@@ -407,6 +407,7 @@ class Connection:
         length: int = 0,
         flags: CmdFlag = CmdFlag(0),
         data: bytes | bytearray | memoryview | None = None,
+        into: bytearray | None = None,
     ) -> Reply:
         """Send one request and wait for its reply; raise :class:`CommandError` on an error."""
         if self.broken is not None:
@@ -419,7 +420,7 @@ class Connection:
         else:
             self._send_lock.acquire_nowait()  # the usual case: no trip through the scheduler
         try:
-            cookie, header = self.core.request(cmd, offset, length, flags, data)
+            cookie, header = self.core.request(cmd, offset, length, flags, data, into)
             self._waiters[cookie] = waiter
             try:
                 await self._send(header, data)
@@ -469,8 +470,9 @@ class Connection:
             if sent:
                 parts[0] = parts[0][sent:]
 
-    async def read(self, offset: int, length: int) -> bytearray:
-        reply = await self.request(Cmd.READ, offset, length)
+    async def read(self, offset: int, length: int, into: bytearray | None = None) -> bytearray:
+        """Read ``length`` bytes at ``offset`` (into ``into``, zeroed, if given)."""
+        reply = await self.request(Cmd.READ, offset, length, into=into)
         assert reply.data is not None
         return reply.data
 

@@ -148,8 +148,12 @@ class Transmission:
         length: int = 0,
         flags: CmdFlag = CmdFlag(0),
         data: bytes | bytearray | memoryview | None = None,
+        into: bytearray | None = None,
     ) -> tuple[int, bytes]:
         """Encode one request; return its cookie and the header to send (before ``data``).
+
+        ``into``: for READ, a zeroed buffer of ``length`` bytes to receive into (default: a
+        new one).
 
         Raises:
             LocalProtocolError: the export does not allow this request.
@@ -191,7 +195,9 @@ class Transmission:
             raise LocalProtocolError("cookie space exhausted")
         pending = _Pending(cmd, flags, offset, length)
         if cmd == Cmd.READ:
-            pending.buf = bytearray(length)
+            if into is not None and len(into) != length:
+                raise LocalProtocolError("READ buffer does not match its length")
+            pending.buf = bytearray(length) if into is None else into
         self._pending[cookie] = pending
         return cookie, wire.REQUEST.pack(wire.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
