@@ -274,7 +274,10 @@ def main() -> None:
         for name, per in results.items():
             a, b = (statistics.median(per.get(t, [0])) for t in ("nbdfuse", "nbdfs"))
             if a and b:
-                print(f"{name}: nbdfuse {a:.0f}, nbdfs {b:.0f}, ratio {b / a:.2f}")
+                print(
+                    f"{name}: nbdfuse {a:.0f}, nbdfs {b:.0f}, ratio {b / a:.2f}"
+                    f" (rounds {_spread(per)})"
+                )
         return
     table = report(results, units, rss, cpu_per_gib)
     print()
@@ -294,24 +297,33 @@ def report(
     lines = [
         f"nbdfs vs nbdfuse, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, medians of {len(rss) // 5 or 1} rounds",
         "",
-        "| workload | unit | nbdfuse | nbdfs | nbdfs/nbdfuse |",
-        "|---|---|---:|---:|---:|",
+        "| workload | unit | nbdfuse | nbdfs | nbdfs/nbdfuse | range over rounds |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     raw = statistics.median(results.get("nbdcopy to null (raw NBD)", {}).get("nbdcopy", [0]))
     for name, per in results.items():
         if "nbdcopy" in per:
-            lines.append(f"| {name} | MB/s | | | raw ceiling {raw:.0f} |")
+            lines.append(f"| {name} | MB/s | | | raw ceiling {raw:.0f} | |")
             continue
         a, b = statistics.median(per["nbdfuse"]), statistics.median(per["nbdfs"])
-        lines.append(f"| {name} | {units[name]} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+        lines.append(
+            f"| {name} | {units[name]} | {a:.0f} | {b:.0f} | {b / a:.2f} | {_spread(per)} |"
+        )
     seq = statistics.median(results["seq read (dd 1M, cold)"]["nbdfs"])
     lines += [
         "",
         f"- nbdfs sequential read is {seq / raw:.0%} of the raw nbdcopy figure.",
         f"- nbdfs peak RSS: {max(rss) / MiB:.0f} MiB.",
         f"- nbdfs CPU time per GiB moved (sequential rows): {statistics.median(cpu):.2f} s.",
+        "- Range: the lowest and highest nbdfs/nbdfuse ratio of one round (the two tools",
+        "  measured back to back), which shows how much of a ratio is noise.",
     ]
     return "\n".join(lines)
+
+
+def _spread(per: dict[str, list[float]]) -> str:
+    ratios = [b / a for a, b in zip(per["nbdfuse"], per["nbdfs"], strict=True) if a]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
 
 
 def chart(results: dict[str, dict[str, list[float]]], units: dict[str, str], out: Path) -> None:
