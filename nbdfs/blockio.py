@@ -296,7 +296,8 @@ class ExportIO:
         view = memoryview(data) if data is not None else None
         for b, fetch in run:
             lo = b * cb - start
-            self.cache.end_fetch(b, fetch, view[lo : min(lo + cb, end - start)] if view else None)
+            block = view[lo : min(lo + cb, end - start)] if view is not None else None
+            self.cache.end_fetch(b, fetch, block)
 
     def _run_buffer(self, run: list[tuple[int, Fetch]]) -> RunBuffer:
         """A fresh zeroed buffer for a read of ``run`` (fresh for each attempt: a reply cut
