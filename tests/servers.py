@@ -109,24 +109,14 @@ def wait_pidfile(pidfile: Path, proc: subprocess.Popen[bytes], timeout: float = 
 
 
 @contextlib.contextmanager
-def nbdkit(*args: str, port: int | None = None) -> Iterator[Server]:
-    """``nbdkit PLUGIN ARGS...`` in the foreground on 127.0.0.1."""
+def nbdkit(*args: str, port: int | None = None, unix: Path | None = None) -> Iterator[Server]:
+    """``nbdkit PLUGIN ARGS...`` in the foreground on 127.0.0.1 (or on Unix socket ``unix``)."""
     exe = require_tool("nbdkit")
-    port = port or free_port()
+    port = 0 if unix is not None else port or free_port()
+    listen = ["-U", str(unix)] if unix is not None else ["-i", "127.0.0.1", "-p", str(port)]
     with tempfile.TemporaryDirectory() as tmp:
         pidfile = Path(tmp) / "nbdkit.pid"
-        cmd = [
-            exe,
-            "--foreground",
-            "--exit-with-parent",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-P",
-            str(pidfile),
-            *args,
-        ]
+        cmd = [exe, "--foreground", "--exit-with-parent", *listen, "-P", str(pidfile), *args]
         with _popen(cmd, port, pidfile) as server:
             yield server
 

@@ -81,6 +81,30 @@ def test_written_and_fsynced_bytes_reach_the_backing_file(tmp: Path) -> None:
         )
 
 
+def test_a_unix_socket_server_reads_back_what_was_written(tmp: Path) -> None:
+    """nbd+unix:// goes through the same raw-syscall socket path as TCP."""
+    sock = tmp / "nbd.sock"
+    data = os.urandom(3 * MiB + 1000)
+    with (
+        nbdkit("memory", "8M", unix=sock),
+        mounted(f"nbd+unix:///?socket={sock}", tmp / "mnt") as mnt,
+    ):
+        path = mnt / "%default%"
+        with open(path, "r+b") as f:
+            f.seek(12345)
+            f.write(data)
+            os.fsync(f.fileno())
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)  # from the daemon, not the page cache
+        try:
+            import mmap
+
+            buf = mmap.mmap(-1, 4 * MiB)
+            assert os.preadv(fd, [buf], 0) == 4 * MiB
+            assert buf[12345 : 12345 + len(data)] == data and buf[:12345] == bytes(12345)
+        finally:
+            os.close(fd)
+
+
 def test_writes_past_the_end_fail_with_enospc_and_truncate_is_refused(tmp: Path) -> None:
     with nbdkit("memory", "1M") as srv, mounted(srv.address, tmp / "mnt") as mnt:
         path = mnt / "%default%"
