@@ -35,6 +35,12 @@ class RunBuffer(bytearray):
     __slots__ = ("first",)
     first: int  # block number of its first byte
 
+    @classmethod
+    def zeroed(cls, size: int, first: int) -> RunBuffer:
+        buf = cls(size)
+        buf.first = first
+        return buf
+
 
 class ReadFailed(NbdError):
     """A read of this block failed (another reader's fetch reported it)."""
@@ -275,11 +281,14 @@ class ExportIO:
         try:
             if aligned_end > self.size:
                 raise ReadFailed("the export's size is not a multiple of its minimum block")
+            size = aligned_end - start
             if len(run) == 1:
-                data = await self.pool.run(lambda c: c.read(start, aligned_end - start))
+                data = await self.pool.run(lambda c: c.read(start, size))
             else:
+                # A fresh buffer for each attempt: a reply cut short by a lost connection
+                # must not leave bytes behind for the next one.
                 data = await self.pool.run(
-                    lambda c: c.read(start, aligned_end - start, into=self._run_buffer(run))
+                    lambda c: c.read(start, size, into=RunBuffer.zeroed(size, run[0][0]))
                 )
             self.pool.stats.bytes_read += len(data)
         except NbdError as exc:
@@ -298,15 +307,6 @@ class ExportIO:
             lo = b * cb - start
             block = view[lo : min(lo + cb, end - start)] if view is not None else None
             self.cache.end_fetch(b, fetch, block)
-
-    def _run_buffer(self, run: list[tuple[int, Fetch]]) -> RunBuffer:
-        """A fresh zeroed buffer for a read of ``run`` (fresh for each attempt: a reply cut
-        short by a lost connection must not leave bytes behind for the next one)."""
-        start = run[0][0] * self.cache.block_size
-        end = min((run[-1][0] + 1) * self.cache.block_size, self.size)
-        buf = RunBuffer(end + (-end % self.minimum) - start)
-        buf.first = run[0][0]
-        return buf
 
     async def _read_direct(self, offset: int, end: int) -> bytes:
         a0 = offset - offset % self.minimum

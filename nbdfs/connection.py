@@ -365,9 +365,7 @@ class Connection:
         space = self.core.sink_space()
         try:
             while True:
-                fd = self._sock.fileno()
-                if fd < 0:
-                    raise trio.ClosedResourceError("socket was closed")
+                fd = self._fileno()
                 try:
                     if space is None:
                         return self._view[: os.readv(fd, (self._buffer,))]
@@ -383,6 +381,14 @@ class Connection:
         finally:
             if space is not None:
                 space.release()
+
+    def _fileno(self) -> int:
+        """The plain socket's descriptor, checked on every use: a closed one may be reused."""
+        assert self._sock is not None
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("socket was closed")
+        return fd
 
     def mark_broken(self, exc: NbdError) -> None:
         """Give up on this connection (e.g. it let a request time out)."""
@@ -457,9 +463,7 @@ class Connection:
         # socket's buffer is full.
         parts = [memoryview(header)] if data is None else [memoryview(header), memoryview(data)]
         while parts:
-            fd = self._sock.fileno()
-            if fd < 0:
-                raise trio.ClosedResourceError("socket was closed")
+            fd = self._fileno()
             try:
                 sent = os.writev(fd, parts)
             except BlockingIOError:

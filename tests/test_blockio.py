@@ -7,6 +7,7 @@ export can be checked without keeping a copy.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -26,11 +27,11 @@ def pattern(offset: int, length: int) -> bytes:
     return words[offset - start : offset - start + length]
 
 
-async def _with_io(address: str, cache: int, body: object) -> None:
+async def _with_io(address: str, cache: int, body: Callable[[ExportIO], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
         pool = ExportPool(parse_target(address), "", TlsConfig(), nursery)
         io = ExportIO(pool, cache, nursery)
-        await body(io)  # type: ignore[operator]
+        await body(io)
         await pool.aclose()
         nursery.cancel_scope.cancel()
 
