@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -28,6 +28,7 @@ from .blockio import ExportIO
 from .errors import CommandError, NbdError
 from .handshake import Export
 from .names import export_paths
+from .poll import AdaptivePoll
 from .pool import ExportPool
 from .target import Target
 from .tls import TlsConfig
@@ -50,6 +51,7 @@ class MountConfig:
     connections: int = 4
     cache_size: int = 256 << 20
     timeout: float = 60.0
+    poll: float = 100e-6  # longest adaptive poll before the event loop sleeps; 0: never
     refresh: float = 60.0  # seconds between re-reads of the export list; 0: never
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
@@ -78,13 +80,19 @@ def _errno_for(exc: BaseException) -> int:
     return exc.errno if isinstance(exc, CommandError) else errno.EIO
 
 
-def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn every failure into FUSEError (pyfuse3 would end the mount on anything else)."""
+def _fuse_errors(
+    fn: Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]]:
+    """Turn every failure into FUSEError (pyfuse3 would end the mount on anything else);
+    tell the poller when a request begins and ends."""
 
     @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(self: NbdFs, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        poller = self.poller
+        if poller is not None:
+            poller.enter()
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except NbdError as exc:
@@ -98,6 +106,9 @@ def _fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corouti
         except Exception:
             log.exception("%s failed unexpectedly (a bug in nbdfs)", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if poller is not None:
+                poller.leave()
 
     return wrapper
 
@@ -117,6 +128,7 @@ class NbdFs(pyfuse3.Operations):
         self._next_fh = 1
         self._mtime_ns = time.time_ns()
         self.after_init: Callable[[], None] | None = None
+        self.poller: AdaptivePoll | None = None  # set by the mount when polling is on
         self._root = self._add(b"", pyfuse3.ROOT_INODE)
         self._paths: dict[str, tuple[str, ...]] = {}
         self.sync(exports)
@@ -418,7 +430,15 @@ class NbdFs(pyfuse3.Operations):
                     },
                 }
             exports.append(entry)
-        return {"server": self.config.target.describe(), "exports": exports}
+        out: dict[str, object] = {"server": self.config.target.describe(), "exports": exports}
+        if self.poller is not None:
+            out["poll"] = {
+                "max_us": round(self.poller.max_budget * 1e6),
+                "budget_us": round(self.poller.budget * 1e6),
+                "caught": self.poller.caught,
+                "slept": self.poller.slept,
+            }
+        return out
 
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext

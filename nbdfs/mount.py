@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import poll
 from .connection import list_exports, probe_export
 from .errors import NbdError, TlsError
 from .fs import MountConfig, NbdFs
@@ -188,6 +189,7 @@ async def run_mount(
         return
     async with trio.open_nursery() as nursery:
         fs = NbdFs(config, exports, nursery)
+        fs.poller = poll.install(config.poll)
         fs.after_init = lambda: raise_read_ahead(mountpoint)
         try:
             pyfuse3.init(fs, mountpoint, options)
