@@ -25,6 +25,7 @@ from .errors import NbdError, TargetError
 from .fs import STATUS_XATTR, MountConfig
 from .handshake import Export, TlsMode
 from .mount import MountError, fuse_options, run_mount, set_io_flusher, tune_malloc
+from .poll import MAX_BUDGET
 from .target import Target, parse_target
 from .tls import TlsConfig
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MICROSECONDS",
         help="poll for I/O up to this long before the daemon sleeps, adapting to how soon"
         " replies and requests come (faster small I/O against a fast server, for CPU time;"
-        " default 100; 0: never poll)",
+        f" default {MAX_BUDGET * 1e6:.0f}; 0: never poll)",
     )
     p_mount.add_argument(
         "-o",
@@ -495,7 +496,7 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
     if timeout <= 0:
         raise TargetError("--timeout must be positive")
     cache = parse_size(args.cache_size) if args.cache_size is not None else 256 << 20
-    poll_max = _number(args.poll_max, "--poll-max", float, 100.0)
+    poll_max = _number(args.poll_max, "--poll-max", float, MAX_BUDGET * 1e6)
     if not 0 <= poll_max <= 10_000:
         raise TargetError("--poll-max takes microseconds from 0 (never poll) to 10000")
     refresh = _number(args.refresh, "--refresh", float, 60.0)

@@ -28,7 +28,7 @@ from .blockio import ExportIO
 from .errors import CommandError, NbdError
 from .handshake import Export
 from .names import export_paths
-from .poll import AdaptivePoll
+from .poll import MAX_BUDGET, AdaptivePoll
 from .pool import ExportPool
 from .target import Target
 from .tls import TlsConfig
@@ -51,7 +51,7 @@ class MountConfig:
     connections: int = 4
     cache_size: int = 256 << 20
     timeout: float = 60.0
-    poll: float = 100e-6  # longest adaptive poll before the event loop sleeps; 0: never
+    poll: float = MAX_BUDGET  # longest adaptive poll before the event loop sleeps; 0: never
     refresh: float = 60.0  # seconds between re-reads of the export list; 0: never
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)

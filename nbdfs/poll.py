@@ -23,6 +23,7 @@ adaptive rule of QEMU's event loop (its ``poll-max-ns``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -111,7 +112,8 @@ class AdaptivePoll(trio.abc.Instrument):
     def stop(self) -> None:
         if self.active:
             self.active = False
-            trio.lowlevel.remove_instrument(self)
+            with contextlib.suppress(KeyError):  # (trio drops an instrument that raised)
+                trio.lowlevel.remove_instrument(self)
 
     def enter(self) -> None:
         """A request (read, write, fsync) begins."""
