@@ -15,10 +15,14 @@ adaptive rule of QEMU's event loop (its ``poll-max-ns``):
   ``max_budget`` that polling did not catch doubles it (from ``MIN_BUDGET``); a wait longer
   than ``max_budget`` resets it to zero. A fast server and a busy application get polling;
   a slow or distant server, and an idle mount, get none: an idle daemon never spins.
-* Only latency-bound work is polled. From ``BUSY`` requests in progress (see
-  :meth:`AdaptivePoll.enter`) until none is left the instrument is removed altogether: with
-  many requests in flight the loop rarely sleeps anyway, while trio's two instrument calls
-  per scheduler pass cost ~10% of 4 KiB random reads at queue depth 16 on 2 cores.
+* The instrument is installed only while polling can pay, since trio's two instrument
+  calls per scheduler pass cost CPU on every request (measured on 2 cores: ~10% of 4 KiB
+  random reads at queue depth 16, ~20% of reads served from the block cache). It is
+  removed from ``BUSY`` FUSE requests in progress until none is left (the loop rarely
+  sleeps then), and after ``QUIET`` requests in a row that needed no NBD request (served
+  from the cache: nothing to wait for but the application); the next request that goes
+  to the server installs it again (:meth:`AdaptivePoll.enter`, :meth:`~AdaptivePoll.leave`,
+  :func:`network_io`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ log = logging.getLogger(__name__)
 MAX_BUDGET = 100e-6  # seconds; see docs/architecture.md for the measurements behind it
 MIN_BUDGET = 4e-6
 BUSY = 4  # requests in progress from which polling is left off until all are done
+QUIET = 64  # requests in a row without NBD I/O after which polling is left off
+
+_installed: trio.lowlevel.RunVar[AdaptivePoll | None] = trio.lowlevel.RunVar(
+    "nbdfs_poll", default=None
+)
 
 
 def _epoll_descriptor() -> int | None:
@@ -67,6 +76,9 @@ class AdaptivePoll(trio.abc.Instrument):
         self.budget = 0.0
         self.in_progress = 0
         self.active = False  # installed in the running loop
+        self.network = 0  # NBD requests sent (see network_io)
+        self._network_seen = 0  # ...when the requests now in progress began
+        self._quiet = 0  # requests in a row that sent none
         self._poll = select.poll()
         self._poll.register(epoll_fd, select.POLLIN)
         self._missed = False  # this wait was polled, in vain
@@ -116,16 +128,32 @@ class AdaptivePoll(trio.abc.Instrument):
                 trio.lowlevel.remove_instrument(self)
 
     def enter(self) -> None:
-        """A request (read, write, fsync) begins."""
+        """A FUSE request (read, write, fsync) begins."""
         self.in_progress += 1
-        if self.in_progress == BUSY:
+        if self.in_progress == 1:
+            self._network_seen = self.network
+        elif self.in_progress == BUSY:
             self.stop()
 
     def leave(self) -> None:
-        """A request is done."""
+        """A FUSE request is done."""
         self.in_progress -= 1
-        if not self.in_progress:
+        if self.in_progress:
+            return
+        if self.network != self._network_seen:  # waited for the server: polling pays
+            self._quiet = 0
             self.start()
+        else:
+            self._quiet += 1
+            if self._quiet >= QUIET:
+                self.stop()
+
+
+def network_io() -> None:
+    """An NBD request is about to be sent (a no-op unless polling is installed)."""
+    poller = _installed.get()
+    if poller is not None:
+        poller.network += 1
 
 
 def install(max_budget: float) -> AdaptivePoll | None:
@@ -138,4 +166,5 @@ def install(max_budget: float) -> AdaptivePoll | None:
         return None
     instrument = AdaptivePoll(fd, max_budget)
     instrument.start()
+    _installed.set(instrument)
     return instrument

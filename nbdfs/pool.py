@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import trio
 
+from . import poll
 from .connection import Connection
 from .errors import ConnectError, ConnectionLost, ExportNotFound, NbdError, TlsError
 from .handshake import Export
@@ -261,6 +262,7 @@ class ExportPool:
             NbdError: the server answered with an error, or refused us for good.
         """
         self.stats.requests += 1
+        poll.network_io()
         conn: Connection | None = None
         # A bare CancelScope: trio.fail_after's generator context manager cost a visible
         # share of the CPU per request.

@@ -101,9 +101,19 @@ def test_in_a_trio_loop_polling_catches_io_and_an_idle_loop_does_not_spin() -> N
         for _ in range(poll.BUSY):
             p.enter()
         assert not p.active  # many requests in progress: the instrument is removed
+        poll.network_io()  # (one of them went to the server)
         for _ in range(poll.BUSY):
             p.leave()
         assert p.active and p.in_progress == 0
+        for _ in range(poll.QUIET):  # requests served without the network (cache hits)
+            assert p.active
+            p.enter()
+            p.leave()
+        assert not p.active  # nothing to wait for but the application: no polling
+        p.enter()
+        poll.network_io()
+        p.leave()
+        assert p.active  # a request waited for the server again
 
     trio.run(main)
 
