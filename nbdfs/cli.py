@@ -170,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPT[,OPT...]",
         help="mount options: the ones above as name=value (ro, kernel_cache, connections=N,"
         " cache_size=SIZE, timeout=S, poll_max=US, tls=MODE, tls_certificates=DIR), or FUSE"
-        " options such as"
-        " allow_other",
+        " options such as allow_other",
     )
     p_mount.add_argument(
         "--refresh",
