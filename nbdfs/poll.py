@@ -81,7 +81,6 @@ class AdaptivePoll(trio.abc.Instrument):
         self._quiet = 0  # requests in a row that sent none
         self._poll = select.poll()
         self._poll.register(epoll_fd, select.POLLIN)
-        self._missed = False  # this wait was polled, in vain
         self._sleep_started = 0.0
         self.caught = 0  # waits that polling ended without sleeping
         self.slept = 0  # waits that slept
@@ -90,14 +89,12 @@ class AdaptivePoll(trio.abc.Instrument):
         if timeout <= 0:  # tasks are runnable: the scheduler only peeks
             return
         now = time.perf_counter()
-        self._missed = False
         if self.budget:
             end = now + min(self.budget, timeout)
             poll = self._poll.poll
             while not poll(0):
                 now = time.perf_counter()
                 if now >= end:
-                    self._missed = True
                     break
             else:
                 self.caught += 1
@@ -112,7 +109,7 @@ class AdaptivePoll(trio.abc.Instrument):
         self.slept += 1
         if waited > self.max_budget:
             self.budget = 0.0  # nothing comes that soon: sleep straight away next time
-        elif self._missed or waited > self.budget:
+        else:  # a short wait that polling (if any) missed: poll longer next time
             self.budget = min(max(self.budget * 2, MIN_BUDGET), self.max_budget)
 
     def start(self) -> None:
