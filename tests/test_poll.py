@@ -150,6 +150,34 @@ def test_status_shows_polling_and_poll_max_zero_turns_it_off(tmp: Path) -> None:
             assert "polling: up to" not in run_nbdfs("status", str(mnt)).stdout
 
 
+@pytest.mark.fuse
+def test_reads_served_from_the_cache_turn_polling_off_until_one_goes_to_the_server(
+    tmp: Path,
+) -> None:
+    import mmap
+
+    def waits() -> int:
+        p = json.loads(run_nbdfs("status", "--json", str(mnt)).stdout)["poll"]
+        return int(p["caught"]) + int(p["slept"])
+
+    with nbdkit("memory", "8M") as srv, mounted(srv.address, tmp / "mnt") as mnt:
+        fd = os.open(mnt / "%default%", os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            for _ in range(poll.QUIET + 10):  # one miss, then cache hits
+                os.preadv(fd, [buf], 0)
+            before = waits()
+            for _ in range(200):
+                os.preadv(fd, [buf], 0)
+            assert waits() == before  # the instrument is out of the loop: nothing counted
+            os.preadv(fd, [buf], 4 << 20)  # a miss: the request waits for the server
+            for _ in range(20):
+                os.preadv(fd, [buf], 0)
+            assert waits() > before  # polling is back
+        finally:
+            os.close(fd)
+
+
 def test_poll_max_out_of_range_is_a_clear_error(tmp: Path) -> None:
     result = run_nbdfs("mount", "--poll-max", "-5", "localhost", str(tmp), check=False)
     assert result.returncode != 0 and "--poll-max takes microseconds" in result.stderr
