@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from .cache import Block, BlockCache, Fetch
+from .cache import Block, BlockCache, Entry, Fetch, Piece
 from .errors import NbdError
 from .handshake import Export
 from .pool import ExportPool
@@ -32,13 +32,13 @@ class RunBuffer(bytearray):
     """The buffer one NBD read of several adjacent blocks was received into; the cached
     blocks are views of it (no copy), and a read of consecutive blocks of it is one view."""
 
-    __slots__ = ("first",)
-    first: int  # block number of its first byte
+    __slots__ = ("start",)
+    start: int  # export offset of its first byte
 
     @classmethod
-    def zeroed(cls, size: int, first: int) -> RunBuffer:
+    def zeroed(cls, size: int, start: int) -> RunBuffer:
         buf = cls(size)
-        buf.first = first
+        buf.start = start
         return buf
 
 
@@ -102,17 +102,14 @@ def _all_zero(data: memoryview) -> bool:
     return not data.tobytes().strip(b"\0")
 
 
-def _one_run(fetches: list[tuple[int, Block | Fetch]]) -> RunBuffer | None:
-    """The run buffer that holds all these (consecutive) blocks, if one does."""
-    first = fetches[0][1]
-    data = first.data if isinstance(first, Fetch) else first
-    if not isinstance(data, memoryview) or not isinstance(data.obj, RunBuffer):
+def _one_run(used: list[Block]) -> RunBuffer | None:
+    """The run buffer that holds all these (consecutive) blocks' bytes, if one does."""
+    first = used[0]
+    if not isinstance(first, memoryview) or not isinstance(first.obj, RunBuffer):
         return None
-    buf = data.obj
-    for _, item in fetches:
-        data = item.data if isinstance(item, Fetch) else item
-        if not isinstance(data, memoryview) or data.obj is not buf:
-            return None
+    buf = first.obj
+    if any(not isinstance(data, memoryview) or data.obj is not buf for data in used):
+        return None
     return buf
 
 
@@ -148,6 +145,8 @@ class ExportIO:
             self.maximum -= self.maximum % self.minimum
             cb = min(CACHE_BLOCK, _power_of_two_at_most(self.maximum))
             self.cache = BlockCache(self._cache_bytes, max(cb, self.minimum))
+            # What a read at random fetches at least: a page, or the minimum block.
+            self._sector = min(max(self.minimum, 4096), self.cache.block_size)
             self.size = export.size or 0
             self.export = export
             self._ready = True
@@ -164,32 +163,39 @@ class ExportIO:
             return await self._read_direct(offset, end)
         cb = self.cache.block_size
         first, last = offset // cb, (end - 1) // cb
-        fetches, mine = self._fetches_for(range(first, last + 1), inline=True)
         sequential = offset == self._next_sequential
+        # A sequential reader gets whole blocks (and read-ahead); a read at random only the
+        # sectors it asks for, in a block it touches the first time.
+        span = None if sequential else (offset, end)
+        fetches, mine = self._fetches_for(range(first, last + 1), span, inline=True)
         self._maybe_readahead(offset, end, last)
         if mine:
             await self._fetch_run(mine)  # in this task: no task to spawn and wake
         parts = []
+        used: list[Block] = []
         for b, item in fetches:
+            lo, hi = max(offset - b * cb, 0), min(end - b * cb, cb)
             fresh = b in self._ahead  # read ahead, never read until now
             if fresh:
                 self._ahead.discard(b)
             if isinstance(item, Fetch):
-                fresh = True
-                await item.done.wait()
-                if item.data is None:
-                    raise ReadFailed(f"reading block {b} of export {self.pool.name!r} failed")
-                data = item.data
+                fresh = not item.keep
+                if not item.done.is_set():  # (mine is: no pass through the scheduler)
+                    await item.done.wait()
+                entry = item.data
+                if entry is None or (isinstance(entry, Piece) and not entry.holds(lo, hi)):
+                    entry = await self._wait(b, item, lo, hi)
             else:
-                data = item
-                if isinstance(data, memoryview) and not sequential:
+                entry = item
+                if not sequential:
                     # A block read ahead that random reads use: keep a copy of its own, so
                     # a hot block never pins the whole run it arrived with.
-                    data = self.cache.own(b, data)
-            lo = max(offset - b * cb, 0)
-            hi = min(end - b * cb, len(data))
-            parts.append(memoryview(data)[lo:hi] if lo or hi < len(data) else data)
-            if sequential and fresh and not lo and hi == len(data):
+                    entry = self.cache.own(b, entry)
+            data, base = (entry.data, entry.lo) if isinstance(entry, Piece) else (entry, 0)
+            used.append(data)
+            exact = lo == base and hi - lo == len(data)
+            parts.append(data if exact else memoryview(data)[lo - base : hi - base])
+            if sequential and fresh and exact and not base:
                 # Fetched for a sequential reader, which is done with it now (and the
                 # kernel's page cache has it unless O_DIRECT): forget it, so a long scan
                 # neither evicts the working set nor grows the heap block by block;
@@ -199,42 +205,73 @@ class ExportIO:
         # passed on without a copy.
         if len(parts) == 1:
             return parts[0]
-        run = _one_run(fetches)
+        run = _one_run(used)
         if run is not None:
-            base = (first - run.first) * cb + offset - first * cb
-            return memoryview(run)[base : base + end - offset]
+            return memoryview(run)[offset - run.start : end - run.start]
         return b"".join(parts)
 
+    async def _wait(self, b: int, fetch: Fetch, lo: int, hi: int) -> Entry:
+        """The entry holding bytes ``lo`` to ``hi`` of block ``b``, once ``fetch`` is done.
+
+        The fetch may be another reader's, of another part of the block; then the block is
+        fetched again (whole, now that it was touched twice).
+        """
+        while True:
+            if not fetch.done.is_set():
+                await fetch.done.wait()
+            entry = fetch.data
+            if entry is None:
+                raise ReadFailed(f"reading block {b} of export {self.pool.name!r} failed")
+            if not isinstance(entry, Piece) or entry.holds(lo, hi):
+                return entry
+            cb = self.cache.block_size
+            ((_, item),), _ = self._fetches_for(range(b, b + 1), (b * cb + lo, b * cb + hi))
+            if not isinstance(item, Fetch):
+                return item
+            fetch = item
+
     def _fetches_for(
-        self, blocks: range, count: bool = True, inline: bool = False
-    ) -> tuple[list[tuple[int, Block | Fetch]], list[tuple[int, Fetch]]]:
+        self,
+        blocks: range,
+        span: tuple[int, int] | None,
+        count: bool = True,
+        inline: bool = False,
+    ) -> tuple[list[tuple[int, Entry | Fetch]], list[tuple[int, Fetch]]]:
         """For each block, its cached bytes or the fetch that will bring them.
 
-        Fetches are started here, a run of adjacent blocks per request, each in a task of
-        its own; with ``inline`` the last run is returned instead, for the caller to await
+        ``span``: the bytes a read at random asks for; a block it touches the first time
+        is fetched only in part (the sectors in the span), otherwise whole. Fetches are
+        started here, a run of adjacent blocks per request, each in a task of its own; with
+        ``inline`` the last run is returned instead, for the caller to await
         :meth:`_fetch_run` on itself. ``count``: whether lookups count as cache hits and
         misses (not for read-ahead).
         """
-        out: list[tuple[int, Block | Fetch]] = []
+        out: list[tuple[int, Entry | Fetch]] = []
         runs: list[list[tuple[int, Fetch]]] = []
         run: list[tuple[int, Fetch]] = []
-        per_request = max(1, self.maximum // self.cache.block_size)
+        cb = self.cache.block_size
+        per_request = max(1, self.maximum // cb)
         for b in blocks:
-            cached = self.cache.get(b, count)
-            if cached is not None:
-                out.append((b, cached))
-                item: Block | Fetch | None = None
-            else:
-                item = self.cache.fetching(b)
-                if item is None:
-                    fetch = self.cache.start_fetch(b)
-                    out.append((b, fetch))
-                    if run and (run[-1][0] != b - 1 or len(run) >= per_request):
-                        runs.append(run)
-                        run = []
-                    run.append((b, fetch))
-                    continue
-                out.append((b, item))
+            b0 = b * cb
+            size = min(cb, self.size - b0)
+            lo, hi = (0, None) if span is None else (max(span[0] - b0, 0), min(span[1] - b0, size))
+            cached = self.cache.get(b, lo, hi, count)
+            item = cached if cached is not None else self.cache.fetching(b)
+            if item is None:
+                piece = self.cache.piece(b)
+                f_lo, f_hi = 0, size
+                if hi is not None and piece is None:
+                    f_lo, f_hi = lo - lo % self._sector, min(hi + (-hi % self._sector), size)
+                fetch = self.cache.start_fetch(b, f_lo, f_hi, keep=piece is not None)
+                out.append((b, fetch))
+                if run and (
+                    run[-1][0] != b - 1 or run[-1][1].hi != cb or f_lo or len(run) >= per_request
+                ):
+                    runs.append(run)
+                    run = []
+                run.append((b, fetch))
+                continue
+            out.append((b, item))
             if run:
                 runs.append(run)
                 run = []
@@ -267,15 +304,17 @@ class ExportIO:
         while b <= top and (self.cache.holds(b) or self.cache.fetching(b) is not None):
             b += 1
         if b <= top and b - last <= window // 2 + 1:
-            fetches, _ = self._fetches_for(range(b, top + 1), count=False)
+            fetches, _ = self._fetches_for(range(b, top + 1), None, count=False)
             if len(self._ahead) > 4 * READAHEAD_MAX // cb:
                 self._ahead.clear()  # marks of blocks evicted unread; losing them is harmless
-            self._ahead.update(blk for blk, item in fetches if isinstance(item, Fetch))
+            self._ahead.update(
+                blk for blk, item in fetches if isinstance(item, Fetch) and not item.keep
+            )
 
     async def _fetch_run(self, run: list[tuple[int, Fetch]]) -> None:
         cb = self.cache.block_size
-        start = run[0][0] * cb
-        end = min((run[-1][0] + 1) * cb, self.size)
+        start = run[0][0] * cb + run[0][1].lo
+        end = min(run[-1][0] * cb + run[-1][1].hi, self.size)
         aligned_end = end + (-end % self.minimum)
         data: bytes | bytearray | None = None
         try:
@@ -288,7 +327,7 @@ class ExportIO:
                 # A fresh buffer for each attempt: a reply cut short by a lost connection
                 # must not leave bytes behind for the next one.
                 data = await self.pool.run(
-                    lambda c: c.read(start, size, into=RunBuffer.zeroed(size, run[0][0]))
+                    lambda c: c.read(start, size, into=RunBuffer.zeroed(size, start))
                 )
             self.pool.stats.bytes_read += len(data)
         except NbdError as exc:
@@ -298,15 +337,26 @@ class ExportIO:
                 self.cache.end_fetch(b, fetch, None)
             raise
         if data is not None and len(run) == 1 and len(data) == end - start:
-            # One block, read for itself (the usual random read): the buffer the reply
-            # was received into becomes the cached block as it is, without a copy.
-            self.cache.end_fetch(run[0][0], run[0][1], data)
+            # One block (or part of one), read for itself (the usual random read): the
+            # buffer the reply was received into is cached as it is, without a copy.
+            b, fetch = run[0]
+            self.cache.end_fetch(b, fetch, self._entry(b, fetch, data))
             return
         view = memoryview(data) if data is not None else None
         for b, fetch in run:
-            lo = b * cb - start
-            block = view[lo : min(lo + cb, end - start)] if view is not None else None
-            self.cache.end_fetch(b, fetch, block)
+            lo = b * cb + fetch.lo - start
+            piece = view[lo : lo + fetch.hi - fetch.lo] if view is not None else None
+            self.cache.end_fetch(
+                b, fetch, self._entry(b, fetch, piece) if piece is not None else None
+            )
+
+    def _entry(self, b: int, fetch: Fetch, data: Block) -> Entry:
+        """What a fetch brought, as the cache holds it: the block, or a piece of it."""
+        if not fetch.lo and fetch.hi == min(
+            self.cache.block_size, self.size - b * self.cache.block_size
+        ):
+            return data
+        return Piece(fetch.lo, data)
 
     async def _read_direct(self, offset: int, end: int) -> bytes:
         a0 = offset - offset % self.minimum

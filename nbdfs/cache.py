@@ -12,6 +12,10 @@ from ever serving bytes older than the last write:
 
 Fetches in flight are shared: a second reader of a block being fetched waits for that
 fetch instead of asking the server again. A failed fetch is never cached.
+
+An entry may hold just part of its block (a :class:`Piece`): a read at random fetches only
+the sectors it needs the first time it touches a block, since a whole block per 4 KiB read
+multiplies the bytes on the wire; a second touch fetches the whole block.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import trio
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 
 # A cached block: immutable bytes, or the bytearray a one-block read was received into, or
 # a view of the buffer a read of several blocks was received into (never written to
@@ -28,19 +32,41 @@ Block = bytes | bytearray | memoryview
 
 
 @dataclass(slots=True)
+class Piece:
+    """Part of a block: its bytes from ``lo`` to ``lo + len(data)``, never all of it."""
+
+    lo: int
+    data: Block
+
+    def __len__(self) -> int:  # (the LRU counts entries in bytes)
+        return len(self.data)
+
+    def holds(self, lo: int, hi: int) -> bool:
+        return self.lo <= lo and hi <= self.lo + len(self.data)
+
+
+Entry = Block | Piece
+
+
+@dataclass(slots=True)
 class Fetch:
-    """A block being read from the server; readers wait on ``done``."""
+    """Bytes ``lo`` to ``hi`` of a block being read from the server; readers wait on
+    ``done``. ``keep``: it completes a piece a reader used, so it is not read-ahead to
+    forget once read."""
 
     generation: int
+    lo: int
+    hi: int
+    keep: bool = False
     done: trio.Event = field(default_factory=trio.Event)
-    data: Block | None = None  # None after ``done``: the fetch failed
+    data: Entry | None = None  # None after ``done``: the fetch failed
 
 
 class BlockCache:
     def __init__(self, capacity: int, block_size: int) -> None:
         self.block_size = block_size
         self.capacity = capacity
-        self._lru: LRUCache[int, Block] | None = (
+        self._lru: LRUCache[int, Entry] | None = (
             LRUCache(maxsize=capacity, getsizeof=len) if capacity >= block_size else None
         )
         self._fetches: dict[int, Fetch] = {}
@@ -57,23 +83,36 @@ class BlockCache:
     def used(self) -> int:
         return int(self._lru.currsize) if self._lru is not None else 0
 
-    def get(self, block: int, count: bool = True) -> Block | None:
+    def get(
+        self, block: int, lo: int = 0, hi: int | None = None, count: bool = True
+    ) -> Entry | None:
+        """The entry if it holds bytes ``lo`` to ``hi`` of the block (None: all of them)."""
         if self._lru is None:
             return None
-        data = self._lru.get(block)
+        entry = self._lru.get(block)
+        if isinstance(entry, Piece) and (hi is None or not entry.holds(lo, hi)):
+            entry = None
         if count:
-            if data is None:
+            if entry is None:
                 self.misses += 1
             else:
                 self.hits += 1
-        return data
+        return entry
 
-    def own(self, block: int, view: memoryview) -> bytes:
+    def piece(self, block: int) -> Piece | None:
+        """The part of the block that is cached, if only part of it is."""
+        entry = self._lru.get(block) if self._lru is not None else None
+        return entry if isinstance(entry, Piece) else None
+
+    def own(self, block: int, entry: Entry) -> Entry:
         """Replace a cached view of a larger buffer by a copy of its bytes; return it."""
-        data = bytes(view)
-        if self._lru is not None and self._lru.get(block) is view:
-            self._lru[block] = data
-        return data
+        data = entry.data if isinstance(entry, Piece) else entry
+        if not isinstance(data, memoryview):
+            return entry
+        copy: Entry = bytes(data) if not isinstance(entry, Piece) else Piece(entry.lo, bytes(data))
+        if self._lru is not None and self._lru.get(block) is entry:
+            self._lru[block] = copy
+        return copy
 
     def forget(self, block: int) -> None:
         """Drop a block from the cache (if there)."""
@@ -81,18 +120,21 @@ class BlockCache:
             self._lru.pop(block, None)
 
     def holds(self, block: int) -> bool:
-        """Whether the block is cached (without refreshing it in the LRU order)."""
-        return self._lru is not None and block in self._lru
+        """Whether all of the block is cached (without refreshing it in the LRU order)."""
+        if self._lru is None or block not in self._lru:
+            return False
+        # (Cache.__getitem__: LRUCache's own would move the block to the front)
+        return not isinstance(Cache.__getitem__(self._lru, block), Piece)
 
     def fetching(self, block: int) -> Fetch | None:
         return self._fetches.get(block)
 
-    def start_fetch(self, block: int) -> Fetch:
-        fetch = Fetch(self._gen.get(block, 0))
+    def start_fetch(self, block: int, lo: int, hi: int, keep: bool = False) -> Fetch:
+        fetch = Fetch(self._gen.get(block, 0), lo, hi, keep)
         self._fetches[block] = fetch
         return fetch
 
-    def end_fetch(self, block: int, fetch: Fetch, data: Block | None) -> None:
+    def end_fetch(self, block: int, fetch: Fetch, data: Entry | None) -> None:
         """Publish a fetch's result; cache it if no write touched the block meanwhile."""
         if self._fetches.get(block) is fetch:
             del self._fetches[block]
@@ -139,6 +181,6 @@ class BlockCache:
         if self._lru is None:
             return None
         old = self._lru.get(block)
-        if old is None:
+        if old is None or isinstance(old, Piece):  # (a piece written to is dropped)
             return None
         return b"".join((old[:offset], data, old[offset + len(data) :]))

@@ -61,11 +61,64 @@ def test_a_block_read_ahead_then_used_at_random_gets_a_copy_of_its_own() -> None
         ahead = next(
             b
             for b in range(4 * MiB // cb, 16 * MiB // cb)
-            if isinstance(io.cache.get(b, False), memoryview)
+            if isinstance(io.cache.get(b, count=False), memoryview)
         )
         assert bytes(await io.read(ahead * cb + 100, 200)) == pattern(ahead * cb + 100, 200)
-        held = io.cache.get(ahead, False)
+        held = io.cache.get(ahead, count=False)
         assert isinstance(held, bytes) and held == pattern(ahead * cb, cb)
 
     with nbdkit("pattern", "16M") as srv:
         trio.run(_with_io, srv.address, 8 * MiB, body)
+
+
+def test_a_random_read_fetches_what_it_asks_and_a_second_touch_the_whole_block() -> None:
+    """A 4 KiB read at random must not cost a whole cache block on the wire (on a 1 Gbit/s
+    link 32 KiB per 4 KiB read cut random reads to a third); a block touched twice is worth
+    having whole."""
+
+    async def body(io: ExportIO) -> None:
+        def fetched() -> int:
+            return io.pool.stats.bytes_read
+
+        base = 5 * MiB
+        assert bytes(await io.read(base + 8192 + 100, 300)) == pattern(base + 8192 + 100, 300)
+        assert fetched() == 4096  # the sector holding it, not the 32 KiB block
+        assert bytes(await io.read(base + 8192, 4096)) == pattern(base + 8192, 4096)
+        assert fetched() == 4096  # the same bytes again: from the cache
+        cb = io.cache.block_size
+        assert cb > 4096
+        assert bytes(await io.read(base + cb - 4096, 4096)) == pattern(base + cb - 4096, 4096)
+        assert fetched() == 4096 + cb  # another part of a block touched before: all of it
+        assert bytes(await io.read(base, cb)) == pattern(base, cb)
+        assert fetched() == 4096 + cb
+        # A read across two untouched blocks fetches its sectors, in one request.
+        off, n = 9 * MiB - 6000, 10000
+        requests = io.pool.stats.requests
+        assert bytes(await io.read(off, n)) == pattern(off, n)
+        assert fetched() == 4096 + cb + 8192 + 4096  # two sectors before 9 MiB, one after
+        assert io.pool.stats.requests == requests + 1
+
+    with nbdkit("pattern", "16M") as srv:
+        trio.run(_with_io, srv.address, 4 * MiB, body)
+
+
+def test_readers_of_one_block_at_once_each_get_their_bytes() -> None:
+    """Reads of different parts of one untouched block, all at once: the first fetches its
+    part, the others wait for it and then fetch what it did not cover."""
+
+    async def body(io: ExportIO) -> None:
+        await io.read(0, 1)  # learn the block size
+        cb = io.cache.block_size
+        got: dict[int, bytes] = {}
+
+        async def one(off: int) -> None:
+            got[off] = bytes(await io.read(off, 1000))
+
+        offsets = [3 * MiB + i * cb // 8 + 7 for i in range(8)]
+        async with trio.open_nursery() as nursery:
+            for off in offsets:
+                nursery.start_soon(one, off)
+        assert got == {off: pattern(off, 1000) for off in offsets}
+
+    with nbdkit("pattern", "16M") as srv:
+        trio.run(_with_io, srv.address, 4 * MiB, body)

@@ -112,7 +112,8 @@ def test_a_sequential_scan_leaves_the_working_set_cached(tmp: Path) -> None:
         fd = os.open(mnt / "%default%", os.O_RDONLY | os.O_DIRECT)
         try:
             buf = mmap.mmap(-1, MiB)
-            hot = [i * 64 * 1024 for i in range(0, 2 * 16, 3)]  # scattered 4K reads
+            hot = [i * 64 * 1024 for i in range(0, 2 * 16, 3)]  # scattered 4K reads,
+            hot += [i * 5 * MiB + 12288 for i in range(1, 12)]  # some where read-ahead goes
             for off in hot * 2:
                 os.preadv(fd, [memoryview(buf)[:4096]], off)
             before = cache()
