@@ -443,9 +443,12 @@ class NbdFs(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and bytes(name) == STATUS_XATTR.encode():
+        key = bytes(name)
+        if inode == pyfuse3.ROOT_INODE and key == STATUS_XATTR.encode():
             return json.dumps(self.status()).encode()
-        value = self._xattrs(self._node(inode)).get(bytes(name))
+        # (The kernel asks for security.capability before every write: a name that is not
+        # ours is answered without building the export's attributes.)
+        value = self._xattrs(self._node(inode)).get(key) if key.startswith(XATTR_PREFIX) else None
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value

@@ -36,6 +36,10 @@ def test_each_export_is_a_file_of_its_size_with_names_escaped(tmp: Path) -> None
             assert path.read_bytes() == (exports / name).read_bytes()
         assert os.getxattr(mnt / "disk one", "user.nbd.export") == b"disk one"
         assert os.getxattr(mnt / "b", "user.nbd.size") == b"4096"
+        for name in ("user.nbd.nonesuch", "security.capability"):
+            with pytest.raises(OSError) as err:
+                os.getxattr(mnt / "b", name)
+            assert err.value.errno == errno.ENODATA
         vfs = os.statvfs(mnt)
         assert vfs.f_blocks * vfs.f_frsize >= sum(sizes.values())
 
