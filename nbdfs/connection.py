@@ -274,6 +274,7 @@ class Connection:
         self._buffer = bytearray(_RECEIVE_SIZE)
         self._view = memoryview(self._buffer)
         self._receives = 0
+        self._drained = False  # the last read emptied the socket (see _receive)
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self.broken: NbdError | None = None
@@ -365,10 +366,17 @@ class Connection:
         space = self.core.sink_space()
         try:
             while True:
+                if self._drained:
+                    # The last read got less than it asked for: the socket is most likely
+                    # empty, so wait first instead of failing a read with EAGAIN.
+                    self._drained = False
+                    await trio.lowlevel.wait_readable(self._sock)
                 fd = self._fileno()
                 try:
                     if space is None:
-                        return self._view[: os.readv(fd, (self._buffer,))]
+                        n = os.readv(fd, (self._buffer,))
+                        self._drained = n < _RECEIVE_SIZE
+                        return self._view[:n]
                     # A read payload goes straight into its request's buffer: no copy.
                     n = os.readv(fd, (space,))
                 except BlockingIOError:
@@ -376,6 +384,7 @@ class Connection:
                     continue
                 if not n:
                     return b""
+                self._drained = n < len(space)
                 self.core.sink_received(n)
                 return None
         finally:

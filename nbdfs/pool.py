@@ -130,6 +130,7 @@ class ExportPool:
         self._idle = trio.Event()
         self._closed = False
         self._reaper_started = False
+        self._most: int | None = None  # connections allowed, once the export's flags are known
 
     # -- choosing and opening connections ------------------------------------------------
 
@@ -143,9 +144,12 @@ class ExportPool:
         return self._journal_bytes
 
     def _max_connections(self) -> int:
-        if self.export is None or not self.export.flags & TransmissionFlag.CAN_MULTI_CONN:
+        if self.export is None:
             return 1  # (the first connection tells us the flags)
-        return self.limit
+        if self._most is None:  # (an enum flag test costs a microsecond per request)
+            multi = bool(self.export.flags & TransmissionFlag.CAN_MULTI_CONN)
+            self._most = self.limit if multi else 1
+        return self._most
 
     def _prune(self) -> None:
         for conn in [c for c in self._conns if not c.usable]:
