@@ -311,6 +311,10 @@ class Connection:
     def in_flight(self) -> int:
         return len(self._waiters)
 
+    def oldest_request(self) -> int | None:
+        """The cookie of the request waiting longest for its reply, if any."""
+        return next(iter(self._waiters), None)
+
     async def run_reader(self) -> None:
         """Read replies until the stream ends; wake each waiting caller with its reply."""
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import run_nbdfs
 from .mounts import mounted
 from .servers import Server, free_port, nbdkit
 
@@ -219,6 +221,24 @@ def test_stalled_server_gives_eio_after_timeout_and_recovers(tmp: Path) -> None:
                 assert os.preadv(fd, [buf], 0) == 4096 and bytes(buf) == b"a" * 4096
             finally:
                 os.close(fd)
+
+
+def test_a_slow_server_within_the_timeout_is_waited_for(tmp: Path) -> None:
+    """Replies taking a second, with --timeout 3: slow is not stalled, nothing times out
+    (the watchdog that bounds each reply must not fire early)."""
+    with (
+        nbdkit("--filter=delay", "memory", "4M", "delay-read=1") as srv,
+        mounted(srv.address, tmp / "mnt", "--timeout", "3", "--cache-size=0") as mnt,
+    ):
+        fd = os.open(mnt / "%default%", os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = bytearray(4096)
+            for off in (0, 8192, 16384):
+                assert os.preadv(fd, [buf], off) == 4096
+        finally:
+            os.close(fd)
+        status = json.loads(run_nbdfs("status", "--json", str(mnt)).stdout)
+        assert status["exports"][0]["timeouts"] == 0 and status["exports"][0]["errors"] == 0
 
 
 def test_server_gone_for_good_gives_eio_and_unmount_works(tmp: Path) -> None:
