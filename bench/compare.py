@@ -2,6 +2,7 @@
 """nbdfs vs nbdfuse on the same nbdkit server, side by side, in one run.
 
     sudo .venv/bin/python bench/compare.py [--size 1G] [--rounds 3] [--runtime 8]
+                                           [--only TEXT] [--rate BITS]
 
 Starts one nbdkit memory server filled with random data, then for each round mounts it
 with nbdfuse and with nbdfs (fresh mounts, page cache dropped before every cold figure)
@@ -61,9 +62,13 @@ def parse_size(text: str) -> int:
 
 
 @contextlib.contextmanager
-def server(size: int, work: Path) -> Iterator[str]:
+def server(size: int, work: Path, rate: str | None = None) -> Iterator[str]:
     port = free_port()
     pidfile = work / "nbdkit.pid"
+    # A link of `rate` bits/s: nbdkit's rate filter, with a short burst allowance so an
+    # idle gap between figures does not buy the next one seconds at full speed.
+    link = ["--filter=rate"] if rate else []
+    link_args = [f"rate={rate}", "burstiness=0.2"] if rate else []
     proc = subprocess.Popen(
         [
             "nbdkit",
@@ -75,8 +80,10 @@ def server(size: int, work: Path) -> Iterator[str]:
             str(port),
             "-P",
             str(pidfile),
+            *link,
             "memory",
             str(size),
+            *link_args,
         ]
     )
     try:
@@ -208,6 +215,12 @@ def main() -> None:
     )
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio figure (default 8)")
     ap.add_argument("--nbdfs-option", action="append", default=[], help="extra nbdfs mount option")
+    ap.add_argument(
+        "--rate",
+        metavar="BITS",
+        help="serve through nbdkit's rate filter, as over a link of BITS/s (e.g. 1G);"
+        " shows what the bytes each tool fetches cost; no files written",
+    )
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument(
         "--only",
@@ -238,7 +251,7 @@ def main() -> None:
             f"count={min(size // MiB, 256)}",
             "status=none",
         )
-        with server(size, work) as uri:
+        with server(size, work, args.rate) as uri:
             for r in range(args.rounds):
                 raw = []
                 for _ in range(1):
@@ -270,7 +283,7 @@ def main() -> None:
                                 moved = size if "read" in name else min(size, 256 * MiB)
                                 cpu_per_gib.append((cpu1 - cpu0) / (moved / (1 << 30)))
                         print(f"round {r + 1}: {name:30} {tool:8} {value:12.1f} {unit}", flush=True)
-    if args.only:
+    if args.only or args.rate:
         for name, per in results.items():
             a, b = (statistics.median(per.get(t, [0])) for t in ("nbdfuse", "nbdfs"))
             if a and b:
