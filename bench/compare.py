@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 NBDFS = [sys.executable, "-m", "nbdfs"]
@@ -140,6 +141,26 @@ def nbdfs(uri: str, mnt: Path, extra: list[str]) -> Iterator[tuple[Path, int]]:
             time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def ceiling(uri: str, mnt: Path, size: int) -> Iterator[tuple[Path, int]]:
+    """The no-op pyfuse3 file system (bench/pyfuse3_ceiling.py); ``uri`` is not used."""
+    from nbdfs.mount import raise_read_ahead
+
+    script = ROOT / "bench" / "pyfuse3_ceiling.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(mnt), str(size)])
+    try:
+        while f" {mnt} " not in Path("/proc/self/mounts").read_text():
+            if proc.poll() is not None:
+                raise SystemExit("the no-op pyfuse3 file system failed to start")
+            time.sleep(0.05)
+        raise_read_ahead(str(mnt))  # as nbdfs does: FUSE reads of up to 1 MiB
+        yield mnt / "f", proc.pid
+    finally:
+        unmount(mnt)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
 def dd_rate(*args: str) -> float:
     """Bytes per second that dd reports."""
     out = subprocess.run(["dd", *args], check=True, capture_output=True, text=True).stderr
@@ -221,6 +242,12 @@ def main() -> None:
         help="serve through nbdkit's rate filter, as over a link of BITS/s (e.g. 1G);"
         " shows what the bytes each tool fetches cost; no files written",
     )
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also measure a pyfuse3 file system that does nothing (bench/pyfuse3_ceiling.py):"
+        " the fastest any pyfuse3 daemon can be here",
+    )
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument(
         "--only",
@@ -240,8 +267,8 @@ def main() -> None:
     cpu_per_gib: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "a").mkdir()
-        (work / "b").mkdir()
+        for sub in "abc":
+            (work / sub).mkdir()
         rnd = work / "write.img"
         sh(
             "dd",
@@ -266,13 +293,18 @@ def main() -> None:
                     if args.only and args.only not in name:
                         continue
                     units[name] = unit
-                    order = [("nbdfuse", nbdfuse, ()), ("nbdfs", nbdfs, (args.nbdfs_option,))]
+                    order: list[tuple[str, Callable[..., Any], tuple[object, ...]]] = [
+                        ("nbdfuse", nbdfuse, ()),
+                        ("nbdfs", nbdfs, (args.nbdfs_option,)),
+                    ]
+                    if args.ceiling:
+                        order.append(("no-op pyfuse3", ceiling, (size,)))
                     if r % 2:
                         order.reverse()  # alternate who goes first
                     for tool, mount, extra in order:
                         drop_caches()
-                        mnt = work / ("a" if tool == "nbdfuse" else "b")
-                        with mount(uri, mnt, *extra) as (path, pid):  # type: ignore[operator]
+                        mnt = work / {"nbdfuse": "a", "nbdfs": "b"}.get(tool, "c")
+                        with mount(uri, mnt, *extra) as (path, pid):
                             cpu0, _ = proc_stats(pid)
                             value = measure(path)
                             cpu1, hwm = proc_stats(pid)
@@ -289,7 +321,7 @@ def main() -> None:
             if a and b:
                 print(
                     f"{name}: nbdfuse {a:.0f}, nbdfs {b:.0f}, ratio {b / a:.2f}"
-                    f" (rounds {_spread(per)})"
+                    f" (rounds {_spread(per)}){_ceiling_text(per)}"
                 )
         return
     table = report(results, units, rss, cpu_per_gib)
@@ -313,15 +345,20 @@ def report(
         "| workload | unit | nbdfuse | nbdfs | nbdfs/nbdfuse | range over rounds |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    noop = any("no-op pyfuse3" in per for per in results.values())
+    if noop:
+        lines[-2] += " no-op pyfuse3 / nbdfuse |"
+        lines[-1] += "---:|"
     raw = statistics.median(results.get("nbdcopy to null (raw NBD)", {}).get("nbdcopy", [0]))
     for name, per in results.items():
         if "nbdcopy" in per:
-            lines.append(f"| {name} | MB/s | | | raw ceiling {raw:.0f} | |")
+            lines.append(f"| {name} | MB/s | | | raw ceiling {raw:.0f} | |" + " |" * noop)
             continue
         a, b = statistics.median(per["nbdfuse"]), statistics.median(per["nbdfs"])
-        lines.append(
-            f"| {name} | {units[name]} | {a:.0f} | {b:.0f} | {b / a:.2f} | {_spread(per)} |"
-        )
+        line = f"| {name} | {units[name]} | {a:.0f} | {b:.0f} | {b / a:.2f} | {_spread(per)} |"
+        if noop:
+            line += f" {statistics.median(per.get('no-op pyfuse3', [0])) / a:.2f} |"
+        lines.append(line)
     seq = statistics.median(results["seq read (dd 1M, cold)"]["nbdfs"])
     lines += [
         "",
@@ -331,7 +368,19 @@ def report(
         "- Range: the lowest and highest nbdfs/nbdfuse ratio of one round (the two tools",
         "  measured back to back), which shows how much of a ratio is noise.",
     ]
+    if noop:
+        lines += [
+            "- No-op pyfuse3: bench/pyfuse3_ceiling.py, a pyfuse3 file system that answers from",
+            "  memory without any network: the most any pyfuse3 daemon can reach on this machine.",
+        ]
     return "\n".join(lines)
+
+
+def _ceiling_text(per: dict[str, list[float]]) -> str:
+    if "no-op pyfuse3" not in per:
+        return ""
+    c, a = statistics.median(per["no-op pyfuse3"]), statistics.median(per["nbdfuse"])
+    return f"; no-op pyfuse3 {c:.0f}, {c / a:.2f}x nbdfuse"
 
 
 def _spread(per: dict[str, list[float]]) -> str:
