@@ -370,12 +370,13 @@ class Connection:
         space = self.core.sink_space()
         try:
             while True:
+                fd = self._fileno()
                 if self._drained:
                     # The last read got less than it asked for: the socket is most likely
                     # empty, so wait first instead of failing a read with EAGAIN.
                     self._drained = False
                     await trio.lowlevel.wait_readable(self._sock)
-                fd = self._fileno()
+                    fd = self._fileno()
                 try:
                     if space is None:
                         n = os.readv(fd, (self._buffer,))

@@ -378,6 +378,7 @@ class ExportPool:
             await trio.sleep(tick)
             now = trio.current_time()
             was, seen = seen, {}
+            self._prune()  # (a connection no longer usable is closed, its requests resolved)
             for conn in list(self._conns):
                 cookie = conn.oldest_request()
                 if cookie is None:
@@ -385,7 +386,7 @@ class ExportPool:
                 first = was.get(conn)
                 if first is None or first[0] != cookie:
                     first = (cookie, now)
-                if now - first[1] >= self.timeout and conn.usable:
+                if now - first[1] >= self.timeout:
                     self._time_out(conn)
                     continue
                 seen[conn] = first
