@@ -71,7 +71,8 @@ class BlockCache:
         )
         self._fetches: dict[int, Fetch] = {}
         self._gen: dict[int, int] = {}
-        self._writes = 0  # writes in flight; generations can be forgotten when none are
+        self._writes = 0  # writes in flight; generations can be forgotten when none are,
+        self._reads = 0  # and no fetch is in flight (superseded ones included)
         self.hits = 0
         self.misses = 0
 
@@ -127,15 +128,24 @@ class BlockCache:
         return not isinstance(Cache.__getitem__(self._lru, block), Piece)
 
     def fetching(self, block: int) -> Fetch | None:
-        return self._fetches.get(block)
+        """The block's fetch in flight, if a reader may still join it: not once a write to
+        the block has started since it began, since it may bring the bytes from before that
+        write (a reader who joins it after the write was acknowledged would read stale bytes).
+        A new fetch then takes its place; its own readers still get what it brings."""
+        fetch = self._fetches.get(block)
+        if fetch is not None and fetch.generation != self._gen.get(block, 0):
+            return None
+        return fetch
 
     def start_fetch(self, block: int, lo: int, hi: int, keep: bool = False) -> Fetch:
         fetch = Fetch(self._gen.get(block, 0), lo, hi, keep)
         self._fetches[block] = fetch
+        self._reads += 1
         return fetch
 
     def end_fetch(self, block: int, fetch: Fetch, data: Entry | None) -> None:
         """Publish a fetch's result; cache it if no write touched the block meanwhile."""
+        self._reads -= 1
         if self._fetches.get(block) is fetch:
             del self._fetches[block]
         fetch.data = data
@@ -173,7 +183,7 @@ class BlockCache:
             else:
                 self._lru.pop(b, None)
         self._writes -= 1
-        if self._writes == 0 and not self._fetches:
+        if self._writes == 0 and self._reads == 0:
             self._gen.clear()
 
     def patch(self, block: int, offset: int, data: bytes | memoryview) -> bytes | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -175,3 +176,41 @@ def test_interleaved_reads_and_writes_never_see_stale_bytes(minimum: int) -> Non
 
         trio.run(_with_io, srv.address, 0, fill)
         trio.run(_with_io, srv.address, 256 * 1024, body)
+
+
+def test_a_read_after_a_write_never_joins_a_fetch_from_before_it(tmp_path: Path) -> None:
+    """A fetch that the server answered from before a write must not serve a read that
+    starts after the write was acknowledged. The server (nbdkit eval, requests run in
+    parallel) takes a read's bytes at once and answers half a second later, so the write
+    lands while the first read's fetch is still in flight."""
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"o" * 65536)
+    pread = f"dd if={disk} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none; sleep 0.5"
+    pwrite = f"dd of={disk} seek=$4 conv=notrunc oflag=seek_bytes status=none"
+
+    async def body(io: ExportIO) -> None:
+        await io.read(60000, 1)  # connect; (another block)
+        got: dict[str, bytes] = {}
+
+        async def first() -> None:
+            got["first"] = bytes(await io.read(0, 4096))
+
+        async def second() -> None:
+            await trio.sleep(0.2)  # the first read's fetch is in flight
+            await io.write(0, b"n" * 4096)
+            got["after"] = bytes(await io.read(0, 4096))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+        assert got["after"] == b"n" * 4096
+        assert got["first"] in (b"o" * 4096, b"n" * 4096)  # concurrent with the write
+
+    with nbdkit(
+        "eval",
+        "thread_model=echo parallel",
+        f"get_size=stat -c %s {disk}",
+        f"pread={pread}",
+        f"pwrite={pwrite}",
+    ) as srv:
+        trio.run(_with_io, srv.address, 4 * MiB, body)
