@@ -72,7 +72,7 @@ class BlockCache:
         self._fetches: dict[int, Fetch] = {}
         self._gen: dict[int, int] = {}
         self._writes = 0  # writes in flight; generations can be forgotten when none are,
-        self._reads = 0  # and no fetch is in flight (superseded ones included)
+        self._fetches_running = 0  # and no fetch runs (superseded ones included)
         self.hits = 0
         self.misses = 0
 
@@ -140,12 +140,12 @@ class BlockCache:
     def start_fetch(self, block: int, lo: int, hi: int, keep: bool = False) -> Fetch:
         fetch = Fetch(self._gen.get(block, 0), lo, hi, keep)
         self._fetches[block] = fetch
-        self._reads += 1
+        self._fetches_running += 1
         return fetch
 
     def end_fetch(self, block: int, fetch: Fetch, data: Entry | None) -> None:
         """Publish a fetch's result; cache it if no write touched the block meanwhile."""
-        self._reads -= 1
+        self._fetches_running -= 1
         if self._fetches.get(block) is fetch:
             del self._fetches[block]
         fetch.data = data
@@ -183,7 +183,7 @@ class BlockCache:
             else:
                 self._lru.pop(b, None)
         self._writes -= 1
-        if self._writes == 0 and self._reads == 0:
+        if self._writes == 0 and self._fetches_running == 0:
             self._gen.clear()
 
     def patch(self, block: int, offset: int, data: bytes | memoryview) -> bytes | None:
