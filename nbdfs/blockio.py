@@ -253,12 +253,11 @@ class ExportIO:
         per_request = max(1, self.maximum // cb)
         for b in blocks:
             b0 = b * cb
-            size = min(cb, self.size - b0)
+            size = self._length(b)
             lo, hi = (0, None) if span is None else (max(span[0] - b0, 0), min(span[1] - b0, size))
-            cached = self.cache.get(b, lo, hi, count)
+            cached, piece = self.cache.find(b, lo, hi, count)
             item = cached if cached is not None else self.cache.fetching(b)
             if item is None:
-                piece = self.cache.piece(b)
                 f_lo, f_hi = 0, size
                 if hi is not None and piece is None:
                     f_lo, f_hi = lo - lo % self._sector, min(hi + (-hi % self._sector), size)
@@ -352,11 +351,12 @@ class ExportIO:
 
     def _entry(self, b: int, fetch: Fetch, data: Block) -> Entry:
         """What a fetch brought, as the cache holds it: the block, or a piece of it."""
-        if not fetch.lo and fetch.hi == min(
-            self.cache.block_size, self.size - b * self.cache.block_size
-        ):
-            return data
-        return Piece(fetch.lo, data)
+        return data if not fetch.lo and fetch.hi == self._length(b) else Piece(fetch.lo, data)
+
+    def _length(self, b: int) -> int:
+        """Block ``b``'s length: the cache block, or less for the export's last one."""
+        cb = self.cache.block_size
+        return min(cb, self.size - b * cb)
 
     async def _read_direct(self, offset: int, end: int) -> bytes:
         a0 = offset - offset % self.minimum

@@ -88,22 +88,25 @@ class BlockCache:
         self, block: int, lo: int = 0, hi: int | None = None, count: bool = True
     ) -> Entry | None:
         """The entry if it holds bytes ``lo`` to ``hi`` of the block (None: all of them)."""
+        return self.find(block, lo, hi, count)[0]
+
+    def find(
+        self, block: int, lo: int = 0, hi: int | None = None, count: bool = True
+    ) -> tuple[Entry | None, Piece | None]:
+        """:meth:`get`, and the piece of the block that is cached if it does not hold them
+        (one lookup for both)."""
         if self._lru is None:
-            return None
+            return None, None
         entry = self._lru.get(block)
+        piece = None
         if isinstance(entry, Piece) and (hi is None or not entry.holds(lo, hi)):
-            entry = None
+            entry, piece = None, entry
         if count:
             if entry is None:
                 self.misses += 1
             else:
                 self.hits += 1
-        return entry
-
-    def piece(self, block: int) -> Piece | None:
-        """The part of the block that is cached, if only part of it is."""
-        entry = self._lru.get(block) if self._lru is not None else None
-        return entry if isinstance(entry, Piece) else None
+        return entry, piece
 
     def own(self, block: int, entry: Entry) -> Entry:
         """Replace a cached view of a larger buffer by a copy of its bytes; return it."""
