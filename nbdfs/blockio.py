@@ -19,6 +19,7 @@ import trio
 from .cache import Block, BlockCache, Entry, Fetch, Piece
 from .errors import NbdError
 from .handshake import Export
+from .journal import Change, Kind
 from .pool import ExportPool
 from .wire import DEFAULT_MAX_PAYLOAD, TransmissionFlag
 
@@ -436,11 +437,11 @@ class ExportIO:
             # punch a hole: NBD_CMD_FLAG_NO_HOLE is not set).
             await self.pool.run(
                 lambda c: c.write_zeroes(start, len(piece), fua),
-                journal=None if fua else (start, piece),
+                journal=Change(start, len(piece), Kind.ZERO, durable=fua),
             )
         else:
             await self.pool.run(
-                lambda c: c.write(start, piece, fua), journal=None if fua else (start, piece)
+                lambda c: c.write(start, piece, fua), journal=Change.write(start, piece, fua)
             )
         self.pool.stats.bytes_written += len(piece)
 

@@ -16,10 +16,11 @@ outside them, as in httpcore's pool. The rules:
   (a write to the same bytes never overtakes it, since :mod:`nbdfs.blockio` serializes
   overlapping writes). NBD_ESHUTDOWN counts as a lost connection (the server did not run the
   request), after the soft disconnect the spec demands.
-* **Acknowledged writes are kept until a flush covers them** (the *journal*). If a
-  connection that carried writes is lost, the server may have lost them too (a restart
-  drops its volatile cache), so before anything else runs the journal is written again, in
-  the order the server acknowledged it, and flushed. Only then is that data forgotten.
+* **Acknowledged changes are kept until a flush covers them** (the *journal*,
+  :mod:`nbdfs.journal`: writes, zeroes and trims, the newest per byte). If a connection
+  that carried some is lost, the server may have lost them too (a restart drops its
+  volatile cache), so before anything else runs the journal is written again and flushed.
+  Only then is it forgotten.
   While a replay cannot happen, fsync fails with EIO: we never report a flush that did not
   happen. The journal is bounded: past ``journal_limit`` bytes a flush is forced.
 * Every new connection must find the export as the first one did (size, flags, block
@@ -29,7 +30,6 @@ outside them, as in httpcore's pool. The rules:
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ from . import poll
 from .connection import Connection
 from .errors import ConnectError, ConnectionLost, ExportNotFound, NbdError, TlsError
 from .handshake import Export
+from .journal import Change, Journal, Kind
 from .target import Target
 from .tls import TlsConfig
 from .wire import TransmissionFlag
@@ -119,11 +120,7 @@ class ExportPool:
         self._lost_pending = 0  # connections lost and not yet replaced (for stats.reconnects)
         self._changed = trio.Event()  # set whenever a connection opens or fails to
         self._dirty: set[Connection] = set()
-        # (sequence number, offset, data) of each acknowledged, not yet flushed write, oldest
-        # first; a flush forgets the entries older than the sequence number it started at.
-        self._journal: collections.deque[tuple[int, int, bytes | memoryview]] = collections.deque()
-        self._journal_seq = 0
-        self._journal_bytes = 0
+        self._journal = Journal()  # acknowledged changes no flush has covered yet
         self._need_replay = False
         self._replay_lock = trio.Lock()
         self._flush_lock = trio.Lock()
@@ -141,8 +138,8 @@ class ExportPool:
 
     @property
     def unflushed(self) -> int:
-        """Bytes acknowledged by the server but not yet covered by a flush."""
-        return self._journal_bytes
+        """Bytes changed with the server's acknowledgement but not yet covered by a flush."""
+        return self._journal.covered
 
     def _max_connections(self) -> int:
         if self.export is None:
@@ -164,7 +161,7 @@ class ExportPool:
                         "export %r: lost a connection with %d unflushed bytes; they will be"
                         " written again once reconnected",
                         self.name,
-                        self._journal_bytes,
+                        self._journal.covered,
                     )
             self.stats.lost += 1
             self._lost_pending += 1
@@ -268,13 +265,14 @@ class ExportPool:
         self,
         op: Callable[[Connection], Awaitable[T]],
         *,
-        journal: tuple[int, bytes | memoryview] | None = None,
+        journal: Change | None = None,
     ) -> T:
         """Run ``op`` on a connection, again on a new one if the connection is lost.
 
         Args:
-            journal: ``(offset, data)`` of a write: once acknowledged it is kept for replay
-                until a flush covers it (and its connection becomes dirty).
+            journal: what ``op`` changes: once acknowledged it goes to the journal, kept for
+                replay until a flush covers it (and its connection becomes dirty), unless
+                durable; a durable one still removes the older changes it covers.
 
         Raises:
             RequestTimeout: no outcome within the timeout (the caller sees EIO).
@@ -300,7 +298,7 @@ class ExportPool:
         except NbdError:
             self.stats.errors += 1
             raise
-        if self._journal_bytes > self.journal_limit and not self._flush_lock.locked():
+        if self._journal.bytes > self.journal_limit and not self._flush_lock.locked():
             await self.flush()
         return result
 
@@ -308,17 +306,16 @@ class ExportPool:
         self,
         conn: Connection,
         op: Callable[[Connection], Awaitable[T]],
-        journal: tuple[int, bytes | memoryview] | None,
+        journal: Change | None,
     ) -> T:
         self._busy += 1
         try:
             result = await op(conn)
             self._last_used[conn] = trio.current_time()
             if journal is not None:
-                self._dirty.add(conn)
-                self._journal.append((self._journal_seq, *journal))
-                self._journal_seq += 1
-                self._journal_bytes += len(journal[1])
+                if not journal.durable:
+                    self._dirty.add(conn)
+                self._journal.record(journal)
             return result
         finally:
             self._busy -= 1
@@ -334,7 +331,7 @@ class ExportPool:
     async def _run_waiting(
         self,
         op: Callable[[Connection], Awaitable[T]],
-        journal: tuple[int, bytes | memoryview] | None,
+        journal: Change | None,
         lost: bool,
     ) -> T:
         """:meth:`run` when it must wait for a connection (opening, reconnecting, replaying)
@@ -392,7 +389,11 @@ class ExportPool:
                 seen[conn] = first
 
     async def _replay(self) -> None:
-        """Write the journal again on a fresh connection, in order, then flush it."""
+        """Write the journal again on a fresh connection, then flush it.
+
+        Its entries are disjoint, each the newest change to its bytes, so their order does
+        not matter; a replay cut short (the server went away again) is simply done again.
+        """
         async with self._replay_lock:
             if not self._need_replay:
                 return
@@ -402,24 +403,23 @@ class ExportPool:
             self._prune()
             conn = self._conns[0] if self._conns else await self._open()
             log.info(
-                "export %r: replaying %d unflushed writes (%d bytes)",
+                "export %r: replaying %d unflushed changes (%d bytes)",
                 self.name,
                 len(self._journal),
-                self._journal_bytes,
+                self._journal.covered,
             )
-            flush = self.export is not None and bool(
-                self.export.flags & TransmissionFlag.SEND_FLUSH
-            )
-            # Oldest first, each made durable before it is forgotten: a replay that is cut
-            # short (the server went away again) resumes where it stopped.
-            while self._journal:
-                seq, offset, data = self._journal[0]
-                await conn.write(offset, data)
-                if flush:
-                    await conn.flush()
-                if self._journal and self._journal[0][0] == seq:  # (a flush may have run)
-                    self._journal.popleft()
-                    self._journal_bytes -= len(data)
+            mark = self._journal.mark
+            for entry in self._journal:
+                if entry.kind is Kind.WRITE:
+                    assert entry.data is not None
+                    await conn.write(entry.offset, entry.data)
+                elif entry.kind is Kind.ZERO:
+                    await conn.write_zeroes(entry.offset, entry.length)
+                else:
+                    await conn.trim(entry.offset, entry.length)
+            if self.export is not None and self.export.flags & TransmissionFlag.SEND_FLUSH:
+                await conn.flush()
+            self._journal.forget(mark)
             self._dirty.clear()
             self._need_replay = False
             self.stats.replays += 1
@@ -441,7 +441,7 @@ class ExportPool:
                             continue
                         if self._try_flush_done():
                             return
-                        mark = self._journal_seq
+                        mark = self._journal.mark
                         dirty = list(self._dirty)
                         self._dirty.difference_update(dirty)
                         try:
@@ -452,8 +452,7 @@ class ExportPool:
                             self._dirty.update(c for c in dirty if c.usable)
                             self._prune()
                             continue
-                        while self._journal and self._journal[0][0] < mark:
-                            self._journal_bytes -= len(self._journal.popleft()[2])
+                        self._journal.forget(mark)
                         return
             except trio.TooSlowError:
                 self.stats.timeouts += 1
@@ -467,7 +466,6 @@ class ExportPool:
         if self.export is None or not self.export.flags & TransmissionFlag.SEND_FLUSH:
             self._dirty.clear()
             self._journal.clear()
-            self._journal_bytes = 0
             return True
         return not self._dirty and not self._journal
 
@@ -502,7 +500,7 @@ class ExportPool:
             log.error(
                 "export %r: final flush failed, %d bytes may be lost: %s",
                 self.name,
-                self._journal_bytes,
+                self._journal.covered,
                 exc,
             )
         self._closed = True
