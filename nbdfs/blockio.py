@@ -222,7 +222,7 @@ class ExportIO:
                 await fetch.done.wait()
             entry = fetch.data
             if entry is None:
-                raise ReadFailed(f"reading block {b} of export {self.pool.name!r} failed")
+                raise fetch.error or ReadFailed(f"reading block {b} of {self.pool.name!r} failed")
             if not isinstance(entry, Piece) or entry.holds(lo, hi):
                 return entry
             cb = self.cache.block_size
@@ -317,6 +317,7 @@ class ExportIO:
         end = min(run[-1][0] * cb + run[-1][1].hi, self.size)
         aligned_end = end + (-end % self.minimum)
         data: bytes | bytearray | None = None
+        error: Exception = ReadFailed(f"reading {start}+{end - start} of {self.pool.name!r} failed")
         try:
             if aligned_end > self.size:
                 raise ReadFailed("the export's size is not a multiple of its minimum block")
@@ -332,9 +333,10 @@ class ExportIO:
             self.pool.stats.bytes_read += len(data)
         except NbdError as exc:
             log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
+            error = exc
         except BaseException:  # cancelled: other readers of these blocks must not wait forever
             for b, fetch in run:
-                self.cache.end_fetch(b, fetch, None)
+                self.cache.end_fetch(b, fetch, error)
             raise
         if data is not None and len(run) == 1 and len(data) == end - start:
             # One block (or part of one), read for itself (the usual random read): the
@@ -347,7 +349,7 @@ class ExportIO:
             lo = b * cb + fetch.lo - start
             piece = view[lo : lo + fetch.hi - fetch.lo] if view is not None else None
             self.cache.end_fetch(
-                b, fetch, self._entry(b, fetch, piece) if piece is not None else None
+                b, fetch, self._entry(b, fetch, piece) if piece is not None else error
             )
 
     def _entry(self, b: int, fetch: Fetch, data: Block) -> Entry:

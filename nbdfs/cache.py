@@ -59,7 +59,8 @@ class Fetch:
     hi: int
     keep: bool = False
     done: trio.Event = field(default_factory=trio.Event)
-    data: Entry | None = None  # None after ``done``: the fetch failed
+    data: Entry | None = None  # None after ``done``: the fetch failed, with
+    error: Exception | None = None  # the server's error (its errno reaches every reader)
 
 
 class BlockCache:
@@ -146,19 +147,23 @@ class BlockCache:
         self._fetches_running += 1
         return fetch
 
-    def end_fetch(self, block: int, fetch: Fetch, data: Entry | None) -> None:
-        """Publish a fetch's result; cache it if no write touched the block meanwhile."""
+    def end_fetch(self, block: int, fetch: Fetch, outcome: Entry | Exception) -> None:
+        """Publish a fetch's outcome, its bytes or the error that every reader of it gets;
+        cache the bytes if no write touched the block meanwhile (an error never is)."""
         self._fetches_running -= 1
         if self._fetches.get(block) is fetch:
             del self._fetches[block]
-        fetch.data = data
+        if isinstance(outcome, Exception):
+            fetch.error = outcome
+        else:
+            fetch.data = outcome
         fetch.done.set()
         if (
-            data is not None
+            fetch.data is not None
             and self._lru is not None
             and self._gen.get(block, 0) == fetch.generation
         ):
-            self._lru[block] = data
+            self._lru[block] = fetch.data
 
     def start_write(self, blocks: range) -> dict[int, int]:
         self._writes += 1

@@ -332,3 +332,25 @@ def test_replay_never_writes_an_older_write_over_a_newer_fua_one(tmp: Path) -> N
             assert (exports / "disk").read_bytes()[:MiB] == b"B" * MiB
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("cache", ["0", "64M"])
+# (nbdkit 1.32 sends EOVERFLOW and ENOTSUP from a read as EINVAL, so these four)
+@pytest.mark.parametrize("code", ["EPERM", "ENOSPC", "EINVAL", "ENOMEM"])
+def test_a_read_error_keeps_its_errno_through_the_cache(tmp: Path, code: str, cache: str) -> None:
+    with (
+        nbdkit("--filter=error", "memory", "4M", f"error={code}", "error-pread-rate=100%") as srv,
+        mounted(srv.address, tmp / "mnt", f"--cache-size={cache}") as mnt,
+    ):
+        path = mnt / "%default%"
+        for flags in (os.O_RDONLY | os.O_DIRECT, os.O_RDONLY):
+            fd = os.open(path, flags)
+            try:
+                for offset in (0, 1 << 20):  # a random read, then a sequential one
+                    with pytest.raises(OSError) as info:
+                        os.preadv(fd, [_direct_buffer(b"\0")], offset)
+                    assert info.value.errno == getattr(errno, code), os.strerror(
+                        info.value.errno
+                    )
+            finally:
+                os.close(fd)
