@@ -10,8 +10,10 @@ import argparse
 import json
 import logging
 import logging.handlers
+import math
 import os
 import shlex
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -20,9 +22,15 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .connection import list_exports
+from .connection import DEFAULT_TIMEOUT, list_exports
 from .errors import NbdError, TargetError
-from .fs import STATUS_XATTR, MountConfig
+from .fs import (
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_CONNECTIONS,
+    DEFAULT_REFRESH,
+    STATUS_XATTR,
+    MountConfig,
+)
 from .handshake import Export, TlsMode
 from .mount import MountError, fuse_options, run_mount, set_io_flusher, tune_malloc
 from .poll import MAX_BUDGET
@@ -104,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_list.add_argument("target", metavar="TARGET")
     p_list.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    p_list.add_argument(
+        "--timeout",
+        default=None,
+        metavar="SECONDS",
+        help="how long connecting and each handshake may take before giving up"
+        f" (default {DEFAULT_TIMEOUT:g})",
+    )
     _add_tls_options(p_list)
     _add_common(p_list)
     p_list.set_defaults(func=cmd_list)
@@ -121,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_mount.add_argument("target", metavar="TARGET")
     p_mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     p_mount.add_argument(
-        "-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr"
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground, log to stderr (or --log-file)",
     )
     p_mount.add_argument(
         "-r", "--readonly", action="store_true", help="mount read-only (files are 0444)"
@@ -135,27 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     p_mount.add_argument(
         "-C",
         "--connections",
-        type=int,
         default=None,
         metavar="N",
-        help="connections per export, used only if the server allows multi-conn (default 4)",
+        help="connections per export, used only if the server allows multi-conn"
+        f" (default {DEFAULT_CONNECTIONS})",
     )
     p_mount.add_argument(
         "--cache-size",
         default=None,
         metavar="SIZE",
-        help="block cache per export, bytes or with K/M/G (default 256M; 0 disables it)",
+        help="block cache per export, bytes or with K/M/G"
+        f" (default {DEFAULT_CACHE_SIZE >> 20}M; 0 disables it)",
     )
     p_mount.add_argument(
         "--timeout",
-        type=float,
         default=None,
         metavar="SECONDS",
-        help="how long one request may wait before it fails with EIO (default 60)",
+        help="how long one request may wait before it fails with EIO, and connecting and"
+        f" each handshake before giving up (default {DEFAULT_TIMEOUT:g})",
     )
     p_mount.add_argument(
         "--poll-max",
-        type=float,
         default=None,
         metavar="MICROSECONDS",
         help="poll for I/O up to this long before the daemon sleeps, adapting to how soon"
@@ -174,16 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_mount.add_argument(
         "--refresh",
-        type=float,
         default=None,
         metavar="SECONDS",
         help="re-read the export list this often: new exports appear, vanished ones go"
-        " (default 60; 0: never)",
+        f" (default {DEFAULT_REFRESH:g}; 0: never)",
     )
-    p_mount.add_argument("--uid", type=int, metavar="N", help="owner of the files (default: you)")
-    p_mount.add_argument("--gid", type=int, metavar="N", help="group of the files (default: yours)")
+    p_mount.add_argument("--uid", metavar="N", help="owner of the files (default: you)")
+    p_mount.add_argument("--gid", metavar="N", help="group of the files (default: yours)")
     p_mount.add_argument(
-        "--log-file", metavar="FILE", help="where the daemon logs (default: syslog)"
+        "--log-file",
+        metavar="FILE",
+        help="where the daemon logs (default: syslog; with -f, stderr)",
     )
     _add_tls_options(p_mount)
     _add_common(p_mount)
@@ -248,8 +267,34 @@ def _nbdfs_mount(path: str) -> str:
     raise MountError(f"{path} is not an nbdfs mount (see 'findmnt -t fuse.nbdfs')")
 
 
+def _flush_before_unmount(mountpoint: str) -> None:
+    """fsync every export holding unflushed bytes, so a failure is the user's to decide on
+    while the mount is still there (an unmount cannot give them back)."""
+    try:
+        status = json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+    except (OSError, ValueError):
+        return  # the daemon does not answer: unmounting is all there is left to do
+    for e in status["exports"]:
+        if not e.get("unflushed") or not e.get("path"):
+            continue
+        try:
+            fd = os.open(os.path.join(mountpoint, e["path"]), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise MountError(
+                f"not unmounting {mountpoint}: export {e['name']!r} holds"
+                f" {human_size(e['unflushed'])} the server has not made durable, and flushing"
+                f" failed ({exc.strerror}); bring the server back and retry, or unmount anyway"
+                f" with 'fusermount3 -u {mountpoint}' and lose them"
+            ) from None
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = _nbdfs_mount(args.mountpoint)
+    _flush_before_unmount(mountpoint)
     proc = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if proc.returncode != 0:
         reason = proc.stderr.strip().rpartition(": ")[2] or "fusermount3 failed"
@@ -377,14 +422,17 @@ def format_listing(exports: list[Export]) -> str:
     return "\n".join(lines)
 
 
-async def _list(target: Target, tls: TlsConfig) -> list[Export]:
-    listing = await list_exports(target, tls, target.export)
+async def _list(target: Target, tls: TlsConfig, timeout: float) -> list[Export]:
+    listing = await list_exports(target, tls, target.export, timeout)
     return listing.exports
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
-    exports = trio.run(_list, target, tls_config(args, target))
+    timeout = _number(
+        args.timeout, "--timeout", float, DEFAULT_TIMEOUT, 1e-3, MAX_TIMEOUT, "seconds"
+    )
+    exports = trio.run(_list, target, tls_config(args, target), timeout)
     if args.json:
         print(json.dumps([export_json(e) for e in exports], indent=2, ensure_ascii=False))
     else:
@@ -414,7 +462,9 @@ def parse_size(text: str) -> int:
     try:
         value = float(number) * _SUFFIXES[unit]
     except ValueError:
-        raise TargetError(f"bad size {text!r}: give bytes or a number with K, M or G") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise TargetError(f"bad size {text!r}: give bytes or a number with K, M or G")
     if value < 0:
         raise TargetError(f"bad size {text!r}: must not be negative")
     return int(value)
@@ -475,37 +525,50 @@ def split_mount_options(args: argparse.Namespace) -> set[str]:
     return fuse
 
 
+MAX_TIMEOUT = 86400.0  # a day: beyond that a wait is a hang
+MAX_ID = (1 << 32) - 2  # uid_t and gid_t; (uid_t)-1 means "no change" to the kernel
+
+
 def _number(
-    value: str | float | None, name: str, kind: type[int] | type[float], default: float
+    value: str | float | None,
+    name: str,
+    kind: type[int] | type[float],
+    default: float,
+    lo: float,
+    hi: float,
+    what: str = "",
 ) -> float:
-    """An option's number (from argparse, or a string from -o), or a one-line error."""
+    """An option's number (from the command line or -o, as text), checked to lie in
+    ``[lo, hi]``, or a one-line error that says what it takes."""
     if value is None:
         return default
+    what = what or ("a whole number" if kind is int else "a number")
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        raise TargetError(f"{name} takes a number, not {value!r}") from None
+        raise TargetError(f"{name} takes {what} from {lo:g} to {hi:g}, not {value!r}") from None
+    if not (math.isfinite(number) and lo <= number <= hi):
+        raise TargetError(f"{name} takes {what} from {lo:g} to {hi:g}, not {value!r}")
+    return number
 
 
 def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
-    connections = int(_number(args.connections, "--connections", int, 4))
-    if not 1 <= connections <= 64:
-        raise TargetError("--connections must be from 1 to 64")
-    timeout = _number(args.timeout, "--timeout", float, 60.0)
-    if timeout <= 0:
-        raise TargetError("--timeout must be positive")
-    cache = parse_size(args.cache_size) if args.cache_size is not None else 256 << 20
-    poll_max = _number(args.poll_max, "--poll-max", float, MAX_BUDGET * 1e6)
-    if not 0 <= poll_max <= 10_000:
-        raise TargetError("--poll-max takes microseconds from 0 (never poll) to 10000")
-    refresh = _number(args.refresh, "--refresh", float, 60.0)
-    if refresh < 0:
-        raise TargetError("--refresh must be 0 (never) or a number of seconds")
+    connections = int(_number(args.connections, "--connections", int, DEFAULT_CONNECTIONS, 1, 64))
+    timeout = _number(
+        args.timeout, "--timeout", float, DEFAULT_TIMEOUT, 1e-3, MAX_TIMEOUT, "seconds"
+    )
+    cache = parse_size(args.cache_size) if args.cache_size is not None else DEFAULT_CACHE_SIZE
+    poll_max = _number(
+        args.poll_max, "--poll-max", float, MAX_BUDGET * 1e6, 0, 10_000, "microseconds"
+    )
+    refresh = _number(
+        args.refresh, "--refresh", float, DEFAULT_REFRESH, 0, MAX_TIMEOUT, "seconds (0: never)"
+    )
     ids: dict[str, int] = {}
     if args.uid is not None:
-        ids["uid"] = int(_number(args.uid, "uid", int, 0))
+        ids["uid"] = int(_number(args.uid, "--uid", int, 0, 0, MAX_ID))
     if args.gid is not None:
-        ids["gid"] = int(_number(args.gid, "gid", int, 0))
+        ids["gid"] = int(_number(args.gid, "--gid", int, 0, 0, MAX_ID))
     return MountConfig(
         **ids,
         target=target,
@@ -525,10 +588,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     config = mount_config(args, target)
     mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.isdir(mountpoint):
-        raise MountError(
-            f"mountpoint {args.mountpoint} does not exist or is not a directory: create it with mkdir"
-        )
+    check_mountpoint(args.mountpoint, mountpoint)
+    if args.log_file:
+        open_log_file(args.log_file).close()  # (a bad path is reported here, not in the daemon)
     if not os.path.exists("/dev/fuse"):
         raise MountError(
             "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
@@ -537,8 +599,36 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if "auto_unmount" not in options and not args.foreground:
         options.add("auto_unmount")  # a killed daemon must not leave a dead mountpoint
     if args.foreground:
+        if args.log_file:
+            _daemon_logging(args)
         return _serve(config, mountpoint, options, None)
     return _daemonize(config, mountpoint, options, args)
+
+
+def check_mountpoint(given: str, path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {given} does not exist: create it with mkdir") from None
+    except PermissionError:
+        raise MountError(
+            f"cannot reach mountpoint {given}: permission denied on a directory on its path"
+            " (mount somewhere you can enter)"
+        ) from None
+    except OSError as exc:
+        raise MountError(f"cannot use mountpoint {given}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {given} is not a directory: mount on a directory")
+
+
+def open_log_file(path: str) -> logging.FileHandler:
+    try:
+        return logging.FileHandler(path)
+    except OSError as exc:
+        raise MountError(
+            f"cannot write the log file {path}: {exc.strerror} (give a path in a directory"
+            " that exists and that you may write to)"
+        ) from None
 
 
 def _serve(
@@ -557,10 +647,15 @@ def _serve(
 
     set_io_flusher()
     tune_malloc()
-    trio.run(run_mount, config, mountpoint, options, ready)
+    failure = trio.run(run_mount, config, mountpoint, options, ready)
     if error:
         if notify is None:
             print(f"nbdfs: {error[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    if failure is not None:
+        logging.getLogger("nbdfs").error("%s", failure)
+        if notify is None:
+            print(f"nbdfs: {failure}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 
@@ -617,7 +712,7 @@ def _daemon_logging(args: argparse.Namespace) -> None:
         root.removeHandler(h)
     handler: logging.Handler
     if args.log_file:
-        handler = logging.FileHandler(args.log_file)
+        handler = open_log_file(args.log_file)
         handler.setFormatter(
             logging.Formatter("%(asctime)s nbdfs[%(process)d] %(levelname)s %(name)s: %(message)s")
         )

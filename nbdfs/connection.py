@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How much one receive asks the kernel for: large enough that a 1 MiB read needs few wakeups.
 _RECEIVE_SIZE = 1 << 18
+DEFAULT_TIMEOUT = 60.0  # seconds: the longest a connect and handshake (and one request) wait
 
 
 async def open_stream(
@@ -120,9 +121,15 @@ async def drive(
     steps: Generator[Action, bytes | None, T],
     tls: TlsConfig,
     target: Target,
+    phase: list[str] | None = None,
 ) -> tuple[trio.abc.Stream, T]:
-    """Run a sans-IO handshake generator against ``stream``; return the (maybe TLS) stream."""
+    """Run a sans-IO handshake generator against ``stream``; return the (maybe TLS) stream.
+
+    ``phase[0]`` names what it waits for, for the message when the handshake times out.
+    """
     value: bytes | None = None
+    phase = phase if phase is not None else [""]
+    phase[0] = "waiting for the server's greeting"
     while True:
         try:
             action = steps.send(value)
@@ -133,9 +140,13 @@ async def drive(
             await stream.send_all(action.data)
         elif isinstance(action, Receive):
             value = await _receive_exactly(stream, action.size)
+            if phase[0].startswith("waiting"):
+                phase[0] = "negotiating options"
         else:
             assert isinstance(action, StartTls)
+            phase[0] = "the TLS handshake"
             stream = await _start_tls(stream, tls, target)
+            phase[0] = "negotiating options over TLS"
 
 
 async def _start_tls(
@@ -172,12 +183,33 @@ async def _handshake(
     target: Target,
     tls: TlsConfig,
     make_steps: Callable[[Handshake], Generator[Action, bytes | None, T]],
-    user_timeout: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[trio.abc.Stream, T]:
-    stream: trio.abc.Stream = await open_stream(target, user_timeout)
+    """Connect and run a handshake, all of it within ``timeout`` seconds.
+
+    Raises:
+        ConnectError: it failed, or did not finish in time (the message names the phase).
+    """
+    phase = ["connecting"]
+    with trio.move_on_after(timeout):
+        return await _handshake_steps(target, tls, make_steps, timeout, phase)
+    raise ConnectError(
+        f"{target.describe()} did not finish the NBD handshake within {timeout:g}s (stuck"
+        f" {phase[0]}): is an NBD server listening there? (--timeout sets the wait)"
+    )
+
+
+async def _handshake_steps(
+    target: Target,
+    tls: TlsConfig,
+    make_steps: Callable[[Handshake], Generator[Action, bytes | None, T]],
+    timeout: float,
+    phase: list[str],
+) -> tuple[trio.abc.Stream, T]:
+    stream: trio.abc.Stream = await open_stream(target, timeout)
     handshake = Handshake(tls.mode)
     try:
-        stream, result = await drive(stream, make_steps(handshake), tls, target)
+        stream, result = await drive(stream, make_steps(handshake), tls, target, phase)
         if isinstance(stream, trio.SSLStream) and stream.session and stream.session.has_ticket:
             # Keep the (TLS 1.3: post-handshake) session ticket for the next connection.
             # (nbdkit 1.32 and qemu-nbd 7.2 issue none, so with them every connection does a
@@ -213,19 +245,21 @@ def _after_tls_failure(exc: BaseException, tls: TlsConfig) -> str:
     )
 
 
-async def list_exports(target: Target, tls: TlsConfig, name: str | None = None) -> Listing:
+async def list_exports(
+    target: Target, tls: TlsConfig, name: str | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> Listing:
     """Connect, list every export (or just ``name``) with details, and disconnect politely.
 
     nbd-server (3.24 at least) answers NBD_OPT_INFO with size 0 for every export, and its
     NBD_OPT_GO with the true size; so an export listed as empty is asked again with GO on a
     connection of its own, which costs one connection only for such exports.
     """
-    stream, listing = await _handshake(target, tls, lambda hs: hs.list_exports(name))
+    stream, listing = await _handshake(target, tls, lambda hs: hs.list_exports(name), timeout)
     await _close_quietly(stream)
     exports = []
     for export in listing.exports:
         if export.size == 0:
-            session = await probe_export(target, tls, export.name)
+            session = await probe_export(target, tls, export.name, timeout)
             export = replace(
                 session.export, description=session.export.description or export.description
             )
@@ -233,9 +267,11 @@ async def list_exports(target: Target, tls: TlsConfig, name: str | None = None) 
     return replace(listing, exports=exports)
 
 
-async def probe_export(target: Target, tls: TlsConfig, name: str) -> Session:
+async def probe_export(
+    target: Target, tls: TlsConfig, name: str, timeout: float = DEFAULT_TIMEOUT
+) -> Session:
     """Enter transmission on ``name`` to learn what GO says, then disconnect at once."""
-    stream, session = await _handshake(target, tls, lambda hs: hs.go(name))
+    stream, session = await _handshake(target, tls, lambda hs: hs.go(name), timeout)
     try:
         await stream.send_all(Transmission(session).disconnect())
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -288,10 +324,11 @@ class Connection:
         export: str,
         tls: TlsConfig,
         nursery: trio.Nursery,
-        user_timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> Connection:
-        """Connect and negotiate ``export``; its reader task runs in ``nursery``."""
-        stream, session = await _handshake(target, tls, lambda hs: hs.go(export), user_timeout)
+        """Connect and negotiate ``export`` within ``timeout``; its reader task runs in
+        ``nursery``."""
+        stream, session = await _handshake(target, tls, lambda hs: hs.go(export), timeout)
         conn = cls(stream, session, target)
         nursery.start_soon(conn.run_reader)
         log.info(

@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from .blockio import ExportIO
+from .connection import DEFAULT_TIMEOUT
 from .errors import CommandError, NbdError
 from .handshake import Export
 from .names import export_paths
@@ -42,17 +43,23 @@ XATTR_PREFIX = b"user.nbd."
 STATUS_XATTR = "user.nbdfs.status"  # on the mount's root: the daemon's counters, as JSON
 
 
+# Every default, declared once (the command line's help is formatted from these).
+DEFAULT_CONNECTIONS = 4
+DEFAULT_CACHE_SIZE = 256 << 20
+DEFAULT_REFRESH = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class MountConfig:
     target: Target
     tls: TlsConfig
     readonly: bool = False
     kernel_cache: bool = False  # keep the page cache across opens (nbdfs the only writer)
-    connections: int = 4
-    cache_size: int = 256 << 20
-    timeout: float = 60.0
+    connections: int = DEFAULT_CONNECTIONS
+    cache_size: int = DEFAULT_CACHE_SIZE
+    timeout: float = DEFAULT_TIMEOUT
     poll: float = MAX_BUDGET  # longest adaptive poll before the event loop sleeps; 0: never
-    refresh: float = 60.0  # seconds between re-reads of the export list; 0: never
+    refresh: float = DEFAULT_REFRESH  # seconds between re-reads of the export list; 0: never
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -415,7 +422,11 @@ class NbdFs(pyfuse3.Operations):
         exports = []
         for node in self.exports:
             assert node.export is not None
-            entry: dict[str, object] = {"name": node.export.name, "active": node.io is not None}
+            entry: dict[str, object] = {
+                "name": node.export.name,
+                "path": "/".join(self._paths.get(node.export.name, ())),
+                "active": node.io is not None,
+            }
             if node.io is not None:
                 pool, cache = node.io.pool, node.io.cache
                 entry |= dataclasses.asdict(pool.stats)
@@ -498,9 +509,19 @@ class NbdFs(pyfuse3.Operations):
     async def link(self, *args: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def close_all(self) -> None:
-        """Flush and disconnect every export's connections (on unmount)."""
+    async def close_all(self) -> dict[str, int]:
+        """Flush and disconnect every export's connections (on unmount); return the exports
+        whose final flush failed, with the bytes that may be lost."""
+        lost: dict[str, int] = {}
+
+        async def close(node: Node) -> None:
+            assert node.io is not None and node.export is not None
+            n = await node.io.pool.aclose()
+            if n:
+                lost[node.export.name] = n
+
         async with trio.open_nursery() as nursery:
             for node in self.exports:
                 if node.io is not None:
-                    nursery.start_soon(node.io.pool.aclose)
+                    nursery.start_soon(close, node)
+        return lost

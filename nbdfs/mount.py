@@ -73,7 +73,7 @@ def set_io_flusher() -> None:
 async def discover(config: MountConfig) -> list[Export]:
     """The exports to show: the one the TARGET names, or every export the server lists."""
     target, tls = config.target, config.tls
-    listing = await list_exports(target, tls, target.export)
+    listing = await list_exports(target, tls, target.export, config.timeout)
     exports = []
     for export in listing.exports:
         if export.tls_required:
@@ -85,7 +85,7 @@ async def discover(config: MountConfig) -> list[Export]:
             log.warning("export %r requires TLS; not shown (mount with --tls=require)", export.name)
             continue
         if export.size is None:  # a server without NBD_OPT_INFO: ask GO
-            export = (await probe_export(target, tls, export.name)).export
+            export = (await probe_export(target, tls, export.name, config.timeout)).export
         exports.append(export)
     return exports
 
@@ -177,16 +177,21 @@ async def run_mount(
     mountpoint: str,
     options: set[str],
     ready: Callable[[str | None], None],
-) -> None:
-    """Discover, mount, report readiness, serve until unmounted or signalled, clean up."""
+) -> str | None:
+    """Discover, mount, report readiness, serve until unmounted or signalled, clean up.
+
+    Returns:
+        Why the mount ended badly after it was up (data the server may not have), or None.
+    """
     try:
         exports = await discover(config)
     except NbdError as exc:
         ready(str(exc))
-        return
+        return None
     if not exports:
         ready("the server offers no exports to mount")
-        return
+        return None
+    failure = None
     async with trio.open_nursery() as nursery:
         fs = NbdFs(config, exports, nursery)
         fs.poller = poll.install(config.poll)
@@ -196,7 +201,7 @@ async def run_mount(
         except RuntimeError as exc:
             ready(mount_failure(mountpoint, options, exc))
             nursery.cancel_scope.cancel()
-            return
+            return None
         log.info(
             "mounted %d export(s) of %s on %s", len(exports), config.target.describe(), mountpoint
         )
@@ -219,7 +224,12 @@ async def run_mount(
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
         finally:
             with trio.CancelScope(shield=True):
-                await fs.close_all()
+                lost = await fs.close_all()
             pyfuse3.close(unmount=unmount)
             nursery.cancel_scope.cancel()
             log.info("unmounted %s", mountpoint)
+            if lost:
+                failure = "final flush failed: " + ", ".join(
+                    f"{n} bytes of export {name!r} may be lost" for name, n in sorted(lost.items())
+                )
+    return failure

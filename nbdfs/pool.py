@@ -38,7 +38,7 @@ from typing import TypeVar
 import trio
 
 from . import poll
-from .connection import Connection
+from .connection import DEFAULT_TIMEOUT, Connection
 from .errors import ConnectError, ConnectionLost, ExportNotFound, NbdError, TlsError
 from .handshake import Export
 from .journal import Change, Journal, Kind
@@ -100,7 +100,7 @@ class ExportPool:
         nursery: trio.Nursery,
         *,
         limit: int = 4,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
         idle_timeout: float = 30.0,
         journal_limit: int = JOURNAL_LIMIT,
     ) -> None:
@@ -225,7 +225,7 @@ class ExportPool:
         self._opening += 1
         try:
             conn = await Connection.open(
-                self.target, self.name, self.tls, self._nursery, user_timeout=self.timeout
+                self.target, self.name, self.tls, self._nursery, timeout=self.timeout
             )
         finally:
             self._opening -= 1
@@ -491,23 +491,27 @@ class ExportPool:
                     log.info("export %r: closing a connection idle for %.0fs", self.name, idle)
                     await conn.aclose()
 
-    async def aclose(self) -> None:
-        """Flush what is unflushed, then disconnect every connection politely."""
+    async def aclose(self) -> int:
+        """Flush what is unflushed, then disconnect every connection politely.
+
+        Returns:
+            How many acknowledged bytes may be lost: the final flush failed (0: none).
+        """
+        lost = 0
         try:
             if self._journal or self._dirty or self._need_replay:
                 await self.flush()
         except NbdError as exc:
+            lost = max(self._journal.covered, 1)
             log.error(
-                "export %r: final flush failed, %d bytes may be lost: %s",
-                self.name,
-                self._journal.covered,
-                exc,
+                "export %r: final flush failed, %d bytes may be lost: %s", self.name, lost, exc
             )
         self._closed = True
         conns, self._conns = self._conns, []
         async with trio.open_nursery() as nursery:
             for conn in conns:
                 nursery.start_soon(conn.aclose)
+        return lost
 
 
 async def _noop(conn: Connection) -> None:

@@ -12,6 +12,7 @@ import mmap
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_nbdfs
+from .conftest import NBDFS, run_nbdfs
 from .mounts import mounted
 from .servers import Server, free_port, nbdkit
 
@@ -349,8 +350,41 @@ def test_a_read_error_keeps_its_errno_through_the_cache(tmp: Path, code: str, ca
                 for offset in (0, 1 << 20):  # a random read, then a sequential one
                     with pytest.raises(OSError) as info:
                         os.preadv(fd, [_direct_buffer(b"\0")], offset)
-                    assert info.value.errno == getattr(errno, code), os.strerror(
-                        info.value.errno
-                    )
+                    assert info.value.errno == getattr(errno, code), os.strerror(info.value.errno)
             finally:
                 os.close(fd)
+
+
+def test_unmount_with_unflushed_data_and_the_server_gone_says_so(tmp: Path) -> None:
+    """`nbdfs umount` flushes first and, when that fails, keeps the mount and says why; an
+    unmount that goes ahead anyway ends the daemon with status 1 and a line on stderr."""
+    exports = make_disk(tmp, 4 * MiB)
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    with writeback(exports) as srv:
+        cmd = [*NBDFS, "mount", "-f", "--timeout", "2", srv.server.address, str(mnt)]
+        with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
+            try:
+                for _ in range(200):
+                    if (mnt / "disk").exists():
+                        break
+                    time.sleep(0.05)
+                fd = os.open(mnt / "disk", os.O_WRONLY | os.O_DIRECT)
+                try:
+                    assert os.pwrite(fd, _direct_buffer(b"u"), 0) == MiB
+                finally:
+                    os.close(fd)
+                srv.kill()
+                refused = run_nbdfs("umount", str(mnt), check=False, timeout=60)
+                assert refused.returncode == 1, refused.stderr
+                assert refused.stderr.count("\n") == 1
+                assert "not unmounting" in refused.stderr and "1.0 MiB" in refused.stderr
+                assert (mnt / "disk").exists()  # still mounted
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+                _, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+    assert proc.returncode == 1
+    assert "final flush failed: 1048576 bytes of export 'disk' may be lost" in err, err

@@ -35,7 +35,8 @@ class Server:
 
     def restart(self, keep_cached: list[bool]) -> None:
         self.volatile = bytearray(
-            v if keep else d for v, d, keep in zip(self.volatile, self.durable, keep_cached, strict=True)
+            v if keep else d
+            for v, d, keep in zip(self.volatile, self.durable, keep_cached, strict=True)
         )
         self.durable[:] = self.volatile
 

@@ -276,7 +276,8 @@ def test_mount_errors_are_one_line(tmp: Path) -> None:
         proc = run_nbdfs("mount", srv.address, str(tmp), "-o", "connections=many", check=False)
         assert (
             proc.returncode == 2
-            and proc.stderr == "nbdfs: --connections takes a number, not 'many'\n"
+            and proc.stderr
+            == "nbdfs: --connections takes a whole number from 1 to 64, not 'many'\n"
         )
 
 
