@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
 from .cache import Block, BlockCache, Entry, Fetch, Piece
+from .connection import Connection
 from .errors import NbdError
 from .handshake import Export
 from .journal import Change, Kind
@@ -132,6 +134,7 @@ class ExportIO:
         self._ahead: set[int] = set()  # blocks read ahead and not yet read
         self.export: Export | None = None
         self.cache = BlockCache(0, CACHE_BLOCK)
+        pool.verify = self._same_disk
 
     async def _setup(self) -> Export:
         """Learn the export's constraints from GO (authoritative) on first use."""
@@ -155,7 +158,29 @@ class ExportIO:
 
     # -- reads -----------------------------------------------------------------------------
 
+    async def _same_disk(self, conn: Connection) -> str | None:
+        """Whether ``conn`` reaches the disk we knew: the blocks we fetched and did not write
+        since read back the same (a bounded sample, by checksum). Returns why not."""
+        cb = self.cache.block_size
+        sample = self.cache.sample()
+        differ = 0
+        for b, lo, length, crc in sample:
+            start = b * cb + lo
+            if start % self.minimum or length % self.minimum:
+                continue  # (the export's last, short block)
+            if self.pool.unflushed_in(start, start + length):
+                continue  # (fetched after our unflushed write: the server may have lost it)
+            if zlib.crc32(await conn.read(start, length)) != crc:
+                differ += 1
+        if differ:
+            self.cache.clear()
+            return f"{differ} of {len(sample)} blocks read before differ"
+        return None
+
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.pool.failed is not None:  # (cached bytes are of another disk)
+            self.cache.clear()
+            raise self.pool.failed
         await self._setup()
         end = min(offset + length, self.size)
         if offset >= end:

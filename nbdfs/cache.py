@@ -20,6 +20,7 @@ multiplies the bytes on the wire; a second touch fetches the whole block.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import trio
@@ -46,6 +47,7 @@ class Piece:
 
 
 Entry = Block | Piece
+SAMPLE_MAX = 32  # fetched blocks remembered by checksum, to recognise the disk on reconnect
 
 
 @dataclass(slots=True)
@@ -74,6 +76,9 @@ class BlockCache:
         self._gen: dict[int, int] = {}
         self._writes = 0  # writes in flight; generations can be forgotten when none are,
         self._fetches_running = 0  # and no fetch runs (superseded ones included)
+        # block -> (offset in the block, length, CRC-32) of bytes as the server sent them,
+        # for blocks not written since: what the disk must still hold after a reconnect.
+        self._sample: dict[int, tuple[int, int, int]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -164,12 +169,27 @@ class BlockCache:
             and self._gen.get(block, 0) == fetch.generation
         ):
             self._lru[block] = fetch.data
+            if len(self._sample) < SAMPLE_MAX:
+                entry = fetch.data
+                lo, data = (entry.lo, entry.data) if isinstance(entry, Piece) else (0, entry)
+                self._sample[block] = (lo, len(data), zlib.crc32(data))
+
+    def sample(self) -> list[tuple[int, int, int, int]]:
+        """``(block, offset in it, length, CRC-32)`` of bytes fetched and not written since."""
+        return [(b, *known) for b, known in self._sample.items()]
+
+    def clear(self) -> None:
+        """Forget every block (the export is not the one they came from)."""
+        if self._lru is not None:
+            self._lru.clear()
+        self._sample.clear()
 
     def start_write(self, blocks: range) -> dict[int, int]:
         self._writes += 1
         started = {}
         for b in blocks:
             started[b] = self._gen[b] = self._gen.get(b, 0) + 1
+            self._sample.pop(b, None)
         return started
 
     def end_write(

@@ -122,6 +122,11 @@ class Journal:
         entries[i:j] = kept
         starts[i:j] = [e.offset for e in kept]
 
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any change held touches bytes ``start`` to ``end``."""
+        i = bisect.bisect_left(self._starts, end) - 1
+        return i >= 0 and self._entries[i].end > start
+
     def forget(self, mark: int) -> None:
         """A flush that started at ``mark`` succeeded: the changes before it are durable."""
         if not self._entries:

@@ -23,8 +23,12 @@ outside them, as in httpcore's pool. The rules:
   Only then is it forgotten.
   While a replay cannot happen, fsync fails with EIO: we never report a flush that did not
   happen. The journal is bounded: past ``journal_limit`` bytes a flush is forced.
-* Every new connection must find the export as the first one did (size, flags, block
-  sizes); otherwise a different disk is behind the name and I/O fails with EIO.
+* **A different disk behind the name fails the export for good.** Every new connection must
+  find the export as the first one did (size, flags, block sizes), and the first one after
+  all were gone must read back the bytes that ``verify`` checks (blocks fetched and not
+  written since, by checksum), before anything is replayed or resumed. Otherwise every
+  request and flush fails with EIO from then on, the journal is not replayed into the
+  other disk, and one line says to remount.
 * Connections idle for ``idle_timeout`` seconds are flushed and closed.
 """
 
@@ -129,6 +133,10 @@ class ExportPool:
         self._closed = False
         self._reaper_started = False
         self._most: int | None = None  # connections allowed, once the export's flags are known
+        # Checks, on the first connection after all were gone, that it reaches the same disk:
+        # returns why not, or None (set by the export's I/O object, which knows its bytes).
+        self.verify: Callable[[Connection], Awaitable[str | None]] | None = None
+        self.failed: ExportChanged | None = None  # set once for good: the disk changed
 
     # -- choosing and opening connections ------------------------------------------------
 
@@ -140,6 +148,10 @@ class ExportPool:
     def unflushed(self) -> int:
         """Bytes changed with the server's acknowledgement but not yet covered by a flush."""
         return self._journal.covered
+
+    def unflushed_in(self, start: int, end: int) -> bool:
+        """Whether bytes ``start`` to ``end`` hold a change a restarted server may not have."""
+        return self._journal.overlaps(start, end)
 
     def _max_connections(self) -> int:
         if self.export is None:
@@ -185,6 +197,8 @@ class ExportPool:
         while True:
             if self._closed:
                 raise ConnectionLost("the mount is shutting down")
+            if self.failed is not None:
+                raise self.failed
             self._prune()
             if self._need_replay:
                 try:
@@ -233,14 +247,23 @@ class ExportPool:
             self._changed = trio.Event()
         if self.export is None:
             self.export = conn.export
-        elif _identity(conn.export) != _identity(self.export):
-            self._nursery.start_soon(conn.aclose)
-            log.error("export %r changed on the server; refusing I/O", self.name)
-            raise ExportChanged(
-                f"export {self.name!r} changed on the server (was {self.export.size} bytes, flags"
-                f" {int(self.export.flags):#x}; now {conn.export.size}, {int(conn.export.flags):#x});"
-                " refusing I/O: remount to use the new one"
-            )
+        else:
+            why = None
+            if _identity(conn.export) != _identity(self.export):
+                why = (
+                    f"was {self.export.size} bytes, flags {int(self.export.flags):#x}, block"
+                    f" sizes {self.export.block_size}; now {conn.export.size},"
+                    f" {int(conn.export.flags):#x}, {conn.export.block_size}"
+                )
+            elif not self._conns and self.verify is not None:
+                try:
+                    why = await self.verify(conn)
+                except BaseException:
+                    self._nursery.start_soon(conn.aclose)
+                    raise
+            if why is not None:
+                self._nursery.start_soon(conn.aclose)
+                raise self._fail(why)
         if self._lost_pending:
             self._lost_pending -= 1
             self.stats.reconnects += 1
@@ -252,6 +275,23 @@ class ExportPool:
             self._nursery.start_soon(self._reap_idle)
             self._nursery.start_soon(self._watch)
         return conn
+
+    def _fail(self, why: str) -> ExportChanged:
+        """The export behind the name is not the one we had: refuse all I/O from now on."""
+        if self.failed is None:
+            lost = self._journal.covered
+            self.failed = ExportChanged(
+                f"export {self.name!r} changed on the server while it was disconnected ({why});"
+                " every read, write and fsync on it now fails with EIO: remount to use the"
+                " export as it is now"
+                + (f" ({lost} unflushed bytes were not written to it)" if lost else "")
+            )
+            log.error("%s", self.failed)
+            self._journal.clear()
+            self._dirty.clear()
+            self._need_replay = False
+            self._changed.set()
+        return self.failed
 
     async def ensure_connected(self) -> Export:
         """Open the first connection if none is open, and return what GO said."""
@@ -280,6 +320,9 @@ class ExportPool:
         """
         self.stats.requests += 1
         poll.network_io()
+        if self.failed is not None:
+            self.stats.errors += 1
+            raise self.failed
         try:
             conn = self._pick()
             if conn is None:
@@ -431,6 +474,8 @@ class ExportPool:
             RequestTimeout: the server could not be reached (or did not answer) in time;
                 the writes stay in the journal and the next flush tries again.
         """
+        if self.failed is not None:
+            raise self.failed
         async with self._flush_lock:
             try:
                 with trio.fail_after(self.timeout):
@@ -499,7 +544,7 @@ class ExportPool:
         """
         lost = 0
         try:
-            if self._journal or self._dirty or self._need_replay:
+            if self.failed is None and (self._journal or self._dirty or self._need_replay):
                 await self.flush()
         except NbdError as exc:
             lost = max(self._journal.covered, 1)

@@ -388,3 +388,39 @@ def test_unmount_with_unflushed_data_and_the_server_gone_says_so(tmp: Path) -> N
                 subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
     assert proc.returncode == 1
     assert "final flush failed: 1048576 bytes of export 'disk' may be lost" in err, err
+
+
+def test_a_different_disk_behind_the_same_name_fails_the_export(tmp: Path) -> None:
+    """Restarted with another file of the same size, while 1 MiB was unflushed: nothing is
+    replayed into it, and every read (cached or not), write and fsync fails with EIO."""
+    exports = make_disk(tmp, 4 * MiB)
+    (exports / "disk").write_bytes(os.urandom(4 * MiB))
+    with (
+        writeback(exports) as srv,
+        mounted(srv.server.address, tmp / "mnt", "--timeout", "10") as mnt,
+    ):
+        fd = os.open(mnt / "disk", os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = _direct_buffer(b"\0")
+            assert os.preadv(fd, [buf], 0) == MiB  # cached now
+            assert os.pwrite(fd, _direct_buffer(b"w"), 2 * MiB) == MiB  # unflushed
+            srv.kill()
+            other = os.urandom(4 * MiB)
+            (exports / "disk").write_bytes(other)
+            srv.start()
+            for offset in (MiB, 0):  # not cached, then cached
+                with pytest.raises(OSError) as info:
+                    os.preadv(fd, [buf], offset)
+                assert info.value.errno == errno.EIO
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, _direct_buffer(b"x"), 3 * MiB)
+            assert info.value.errno == errno.EIO
+            with pytest.raises(OSError) as info:
+                os.fsync(fd)
+            assert info.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert (exports / "disk").read_bytes() == other  # nothing replayed or written into it
+        log = (tmp / "mnt.log").read_text()
+        assert "changed on the server while it was disconnected" in log
+        assert "remount" in log and "replaying" not in log

@@ -124,3 +124,16 @@ def test_a_flush_forgets_only_what_came_before_its_mark() -> None:
     journal.forget(mark)
     assert [(e.offset, e.kind) for e in journal] == [(16, Kind.TRIM)]
     assert journal.bytes == 0 and journal.covered == 8
+
+
+def test_overlaps() -> None:
+    journal = Journal()
+    journal.record(Change(10, 10, Kind.ZERO))
+    journal.record(Change(30, 5, Kind.TRIM))
+    assert [journal.overlaps(s, e) for s, e in [(0, 10), (0, 11), (19, 30), (20, 30)]] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert journal.overlaps(34, 40) and not journal.overlaps(35, 40)
