@@ -11,13 +11,14 @@ the server acknowledged every piece.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from .cache import Block, BlockCache, Entry, Fetch, Piece
+from .cache import Block, BlockCache, BlockStore, Entry, Fetch, Piece
 from .connection import Connection
 from .errors import NbdError
 from .handshake import Export
@@ -123,9 +124,9 @@ def _power_of_two_at_most(n: int) -> int:
 class ExportIO:
     """Reads and writes of one export, shared by every open file of it."""
 
-    def __init__(self, pool: ExportPool, cache_bytes: int, nursery: trio.Nursery) -> None:
+    def __init__(self, pool: ExportPool, store: BlockStore, nursery: trio.Nursery) -> None:
         self.pool = pool
-        self._cache_bytes = cache_bytes
+        self._store = store
         self._nursery = nursery
         self._ready = False
         self._ranges = RangeLock()
@@ -133,7 +134,7 @@ class ExportIO:
         self._readahead = 0
         self._ahead: set[int] = set()  # blocks read ahead and not yet read
         self.export: Export | None = None
-        self.cache = BlockCache(0, CACHE_BLOCK)
+        self.cache = BlockCache(BlockStore(0), CACHE_BLOCK)
         pool.verify = self._same_disk
 
     async def _setup(self) -> Export:
@@ -148,13 +149,23 @@ class ExportIO:
             self.maximum = min(block.maximum if block else DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD)
             self.maximum -= self.maximum % self.minimum
             cb = min(CACHE_BLOCK, _power_of_two_at_most(self.maximum))
-            self.cache = BlockCache(self._cache_bytes, max(cb, self.minimum))
+            self.cache = BlockCache(self._store, max(cb, self.minimum))
             # What a read at random fetches at least: a page, or the minimum block.
             self._sector = min(max(self.minimum, 4096), self.cache.block_size)
             self.size = export.size or 0
             self.export = export
             self._ready = True
         return export
+
+    def stats(self) -> dict[str, object]:
+        """This export's counters for ``nbdfs status``."""
+        pool, cache = self.pool, self.cache
+        return dataclasses.asdict(pool.stats) | {
+            "connections": pool.connections,
+            "unflushed": pool.unflushed,
+            "failed": pool.failed is not None,
+            "cache": {"used": cache.used, "hits": cache.hits, "misses": cache.misses},
+        }
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -321,7 +332,7 @@ class ExportIO:
             return
         self._next_sequential = end
         cb = self.cache.block_size
-        limit = min(READAHEAD_MAX, max(self._cache_bytes // 4, cb))
+        limit = min(READAHEAD_MAX, max(self._store.capacity // 4, cb))
         self._readahead = min(max(self._readahead * 2, 4 * cb), limit)
         window = self._readahead // cb
         top = min((self.size - 1) // cb, last + window)

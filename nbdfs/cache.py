@@ -1,8 +1,11 @@
 """Byte-bounded block cache with in-flight de-duplication and write generations.
 
-Blocks are fixed-size slices of one export, keyed by block number, held in a
-``cachetools.LRUCache`` whose size is counted in bytes. Two pieces of bookkeeping keep it
-from ever serving bytes older than the last write:
+Blocks are fixed-size slices of one export, keyed by block number. Their bytes live in the
+mount's one :class:`BlockStore`, a ``cachetools.LRUCache`` counted in bytes and shared by
+every export, so ``--cache-size`` bounds the whole mount however many exports are read,
+and the least recently used block goes first whichever export it is of. Two pieces of
+bookkeeping keep an export's :class:`BlockCache` from ever serving bytes older than the
+last write:
 
 * a *generation* per block, bumped when a write to it starts and again when it ends; a
   fetch remembers the generation it started under and is cached only if nothing changed
@@ -48,6 +51,40 @@ class Piece:
 
 Entry = Block | Piece
 SAMPLE_MAX = 32  # fetched blocks remembered by checksum, to recognise the disk on reconnect
+Key = tuple[int, int]  # (export's number in the store, block number)
+
+
+class BlockStore(LRUCache[Key, Entry]):
+    """The cached blocks of every export of a mount, within one byte budget."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(maxsize=max(capacity, 1), getsizeof=len)
+        self.capacity = capacity
+        self.used_by: dict[int, int] = {}  # export number -> bytes it holds here
+        self._owners = 0
+
+    def new_owner(self) -> int:
+        self._owners += 1
+        return self._owners
+
+    def __setitem__(self, key: Key, value: Entry) -> None:
+        if key in self:
+            del self[key]  # (accounted for below, whatever the eviction order)
+        super().__setitem__(key, value)  # may evict others, through __delitem__
+        self.used_by[key[0]] = self.used_by.get(key[0], 0) + len(value)
+
+    def __delitem__(self, key: Key) -> None:
+        size = len(Cache.__getitem__(self, key))
+        super().__delitem__(key)
+        left = self.used_by[key[0]] - size
+        if left:
+            self.used_by[key[0]] = left
+        else:
+            del self.used_by[key[0]]
+
+    def drop_owner(self, owner: int) -> None:
+        for key in [k for k in self.keys() if k[0] == owner]:
+            del self[key]
 
 
 @dataclass(slots=True)
@@ -66,12 +103,13 @@ class Fetch:
 
 
 class BlockCache:
-    def __init__(self, capacity: int, block_size: int) -> None:
+    """One export's view of the store: its blocks, fetches, generations and counters."""
+
+    def __init__(self, store: BlockStore, block_size: int) -> None:
         self.block_size = block_size
-        self.capacity = capacity
-        self._lru: LRUCache[int, Entry] | None = (
-            LRUCache(maxsize=capacity, getsizeof=len) if capacity >= block_size else None
-        )
+        self.store = store
+        self._owner = store.new_owner()
+        self._lru: BlockStore | None = store if store.capacity >= block_size else None
         self._fetches: dict[int, Fetch] = {}
         self._gen: dict[int, int] = {}
         self._writes = 0  # writes in flight; generations can be forgotten when none are,
@@ -88,7 +126,8 @@ class BlockCache:
 
     @property
     def used(self) -> int:
-        return int(self._lru.currsize) if self._lru is not None else 0
+        """Bytes of this export's blocks in the store."""
+        return self.store.used_by.get(self._owner, 0)
 
     def get(
         self, block: int, lo: int = 0, hi: int | None = None, count: bool = True
@@ -103,7 +142,7 @@ class BlockCache:
         (one lookup for both)."""
         if self._lru is None:
             return None, None
-        entry = self._lru.get(block)
+        entry = self._lru.get((self._owner, block))
         piece = None
         if isinstance(entry, Piece) and (hi is None or not entry.holds(lo, hi)):
             entry, piece = None, entry
@@ -120,21 +159,23 @@ class BlockCache:
         if not isinstance(data, memoryview):
             return entry
         copy: Entry = bytes(data) if not isinstance(entry, Piece) else Piece(entry.lo, bytes(data))
-        if self._lru is not None and self._lru.get(block) is entry:
-            self._lru[block] = copy
+        key = (self._owner, block)
+        if self._lru is not None and self._lru.get(key) is entry:
+            self._lru[key] = copy
         return copy
 
     def forget(self, block: int) -> None:
         """Drop a block from the cache (if there)."""
         if self._lru is not None:
-            self._lru.pop(block, None)
+            self._lru.pop((self._owner, block), None)
 
     def holds(self, block: int) -> bool:
         """Whether all of the block is cached (without refreshing it in the LRU order)."""
-        if self._lru is None or block not in self._lru:
+        key = (self._owner, block)
+        if self._lru is None or key not in self._lru:
             return False
         # (Cache.__getitem__: LRUCache's own would move the block to the front)
-        return not isinstance(Cache.__getitem__(self._lru, block), Piece)
+        return not isinstance(Cache.__getitem__(self._lru, key), Piece)
 
     def fetching(self, block: int) -> Fetch | None:
         """The block's fetch in flight, if a reader may still join it: not once a write to
@@ -168,7 +209,7 @@ class BlockCache:
             and self._lru is not None
             and self._gen.get(block, 0) == fetch.generation
         ):
-            self._lru[block] = fetch.data
+            self._lru[(self._owner, block)] = fetch.data
             if len(self._sample) < SAMPLE_MAX:
                 entry = fetch.data
                 lo, data = (entry.lo, entry.data) if isinstance(entry, Piece) else (0, entry)
@@ -180,8 +221,7 @@ class BlockCache:
 
     def clear(self) -> None:
         """Forget every block (the export is not the one they came from)."""
-        if self._lru is not None:
-            self._lru.clear()
+        self.store.drop_owner(self._owner)
         self._sample.clear()
 
     def start_write(self, blocks: range) -> dict[int, int]:
@@ -207,9 +247,9 @@ class BlockCache:
                 continue
             new = updates.get(b)
             if ok and latest and new is not None:
-                self._lru[b] = new
+                self._lru[(self._owner, b)] = new
             else:
-                self._lru.pop(b, None)
+                self._lru.pop((self._owner, b), None)
         self._writes -= 1
         if self._writes == 0 and self._fetches_running == 0:
             self._gen.clear()
@@ -218,7 +258,7 @@ class BlockCache:
         """The cached block with ``data`` written at ``offset``, or None if not cached."""
         if self._lru is None:
             return None
-        old = self._lru.get(block)
+        old = self._lru.get((self._owner, block))
         if old is None or isinstance(old, Piece):  # (a piece written to is dropped)
             return None
         return b"".join((old[:offset], data, old[offset + len(data) :]))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -32,7 +33,14 @@ from .fs import (
     MountConfig,
 )
 from .handshake import Export, TlsMode
-from .mount import MountError, fuse_options, run_mount, set_io_flusher, tune_malloc
+from .mount import (
+    MountError,
+    fuse_options,
+    raise_open_files_limit,
+    run_mount,
+    set_io_flusher,
+    tune_malloc,
+)
 from .poll import MAX_BUDGET
 from .target import Target, parse_target
 from .tls import TlsConfig
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size",
         default=None,
         metavar="SIZE",
-        help="block cache per export, bytes or with K/M/G"
+        help="block cache of the whole mount, shared by its exports, bytes or with K/M/G"
         f" (default {DEFAULT_CACHE_SIZE >> 20}M; 0 disables it)",
     )
     p_mount.add_argument(
@@ -267,12 +275,35 @@ def _nbdfs_mount(path: str) -> str:
     raise MountError(f"{path} is not an nbdfs mount (see 'findmnt -t fuse.nbdfs')")
 
 
+def _status_of(path: str) -> dict[str, Any]:
+    """The daemon's status xattr on ``path`` (the mount's root, or an export's file)."""
+    try:
+        value = json.loads(os.getxattr(path, STATUS_XATTR))
+    except OSError as exc:
+        raise MountError(f"the daemon of {path} does not answer: {exc.strerror}") from None
+    assert isinstance(value, dict)
+    return value
+
+
+def mount_status(mountpoint: str) -> dict[str, Any]:
+    """The whole status: the mount's own part, and each export's, from its file (one
+    query per export, so it works for any number of them)."""
+    status = _status_of(mountpoint)
+    exports = []
+    for top, dirs, files in os.walk(mountpoint):
+        dirs.sort()
+        for name in sorted(files):
+            exports.append(_status_of(os.path.join(top, name)))
+    status["exports"] = exports
+    return status
+
+
 def _flush_before_unmount(mountpoint: str) -> None:
     """fsync every export holding unflushed bytes, so a failure is the user's to decide on
     while the mount is still there (an unmount cannot give them back)."""
     try:
-        status = json.loads(os.getxattr(mountpoint, STATUS_XATTR))
-    except (OSError, ValueError):
+        status = mount_status(mountpoint)
+    except MountError:
         return  # the daemon does not answer: unmounting is all there is left to do
     for e in status["exports"]:
         if not e.get("unflushed") or not e.get("path"):
@@ -307,27 +338,30 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     mountpoint = _nbdfs_mount(args.mountpoint)
-    try:
-        raw = os.getxattr(mountpoint, STATUS_XATTR)
-    except OSError as exc:
-        raise MountError(f"the daemon of {mountpoint} does not answer: {exc.strerror}") from None
-    status = json.loads(raw)
+    status = mount_status(mountpoint)
     if args.json:
         print(json.dumps(status, indent=2))
         return EXIT_OK
-    print(f"{mountpoint}: {status['server']}, {len(status['exports'])} export(s)")
+    cache = status["cache"]
+    print(
+        f"{mountpoint}: {status['server']}, {len(status['exports'])} export(s),"
+        f" {status['active']} opened; cache {human_size(cache['used'])}"
+        f"/{human_size(cache['capacity'])}"
+    )
     for e in status["exports"]:
         line = f"  {shlex.quote(e['name'])}: "
         if not e["active"]:
             print(line + "not opened yet")
             continue
+        if e.get("failed"):
+            line += "FAILED (it changed on the server while disconnected: remount); "
         c = e["cache"]
         hits = c["hits"] + c["misses"]
         rate = f"{c['hits'] / hits:.0%}" if hits else "-"
         print(
             line + f"{e['connections']} conn, read {human_size(e['bytes_read'])}, written"
-            f" {human_size(e['bytes_written'])}, {e['requests']} requests; cache"
-            f" {human_size(c['used'])}/{human_size(c['capacity'])} hit {rate}; reconnects"
+            f" {human_size(e['bytes_written'])}, {e['requests']} requests; cached"
+            f" {human_size(c['used'])}, hit {rate}; reconnects"
             f" {e['reconnects']}, retries {e['retries']}, timeouts {e['timeouts']}, errors"
             f" {e['errors']}, unflushed {human_size(e['unflushed'])}"
         )
@@ -647,6 +681,7 @@ def _serve(
 
     set_io_flusher()
     tune_malloc()
+    raise_open_files_limit()
     failure = trio.run(run_mount, config, mountpoint, options, ready)
     if error:
         if notify is None:

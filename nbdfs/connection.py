@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How much one receive asks the kernel for: large enough that a 1 MiB read needs few wakeups.
 _RECEIVE_SIZE = 1 << 18
+# Where every plain connection receives what is not a read's payload. One for the process:
+# a reader parses all it received before its next await (Transmission.receive_data's
+# contract), so no two connections ever hold bytes in it at once, and a thousand open
+# connections do not cost 256 MiB.
+_RECEIVE_BUFFER = bytearray(_RECEIVE_SIZE)
+_RECEIVE_VIEW = memoryview(_RECEIVE_BUFFER)
 DEFAULT_TIMEOUT = 60.0  # seconds: the longest a connect and handshake (and one request) wait
 
 
@@ -307,8 +313,6 @@ class Connection:
         self._stream = stream
         # A plain socket is driven with system calls directly (see _receive and _send).
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._buffer = bytearray(_RECEIVE_SIZE)
-        self._view = memoryview(self._buffer)
         self._receives = 0
         self._drained = False  # the last read emptied the socket (see _receive)
         self._send_lock = trio.Lock()
@@ -382,6 +386,9 @@ class Connection:
                     if waiter is not None:
                         waiter.reply = reply
                         waiter.event.set()
+                # This frame must not keep the last reply (a read's whole buffer) alive
+                # while the connection waits, perhaps for good, for the next one.
+                waiter = None
         except NbdError as exc:
             if isinstance(exc, ProtocolError):
                 log.warning(
@@ -416,9 +423,9 @@ class Connection:
                     fd = self._fileno()
                 try:
                     if space is None:
-                        n = os.readv(fd, (self._buffer,))
+                        n = os.readv(fd, (_RECEIVE_BUFFER,))
                         self._drained = n < _RECEIVE_SIZE
-                        return self._view[:n]
+                        return _RECEIVE_VIEW[:n]
                     # A read payload goes straight into its request's buffer: no copy.
                     n = os.readv(fd, (space,))
                 except BlockingIOError:

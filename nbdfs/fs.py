@@ -8,7 +8,6 @@ handler, since pyfuse3 ends the whole file system on any other exception.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import itertools
@@ -25,6 +24,7 @@ import pyfuse3
 import trio
 
 from .blockio import ExportIO
+from .cache import BlockStore
 from .connection import DEFAULT_TIMEOUT
 from .errors import CommandError, NbdError
 from .handshake import Export
@@ -136,6 +136,7 @@ class NbdFs(pyfuse3.Operations):
         self._mtime_ns = time.time_ns()
         self.after_init: Callable[[], None] | None = None
         self.poller: AdaptivePoll | None = None  # set by the mount when polling is on
+        self._store = BlockStore(config.cache_size)  # every export's cached blocks
         self._root = self._add(b"", pyfuse3.ROOT_INODE)
         self._paths: dict[str, tuple[str, ...]] = {}
         self.sync(exports)
@@ -263,7 +264,7 @@ class NbdFs(pyfuse3.Operations):
                 limit=cfg.connections,
                 timeout=cfg.timeout,
             )
-            node.io = ExportIO(pool, cfg.cache_size, self._nursery)
+            node.io = ExportIO(pool, self._store, self._nursery)
         return node.io
 
     # -- the tree --------------------------------------------------------------------------
@@ -417,31 +418,27 @@ class NbdFs(pyfuse3.Operations):
             out[b"block_size"] = f"{b.minimum} {b.preferred} {b.maximum}".encode()
         return {XATTR_PREFIX + k: v for k, v in out.items()}
 
+    def export_status(self, node: Node) -> dict[str, object]:
+        """One export's part of ``nbdfs status`` (the xattr on its file): from memory."""
+        assert node.export is not None
+        entry: dict[str, object] = {
+            "name": node.export.name,
+            "path": "/".join(self._paths.get(node.export.name, ())),
+            "active": node.io is not None,
+        }
+        if node.io is not None:
+            entry |= node.io.stats()
+        return entry
+
     def status(self) -> dict[str, object]:
-        """What ``nbdfs status`` shows; answered from memory, never from the network."""
-        exports = []
-        for node in self.exports:
-            assert node.export is not None
-            entry: dict[str, object] = {
-                "name": node.export.name,
-                "path": "/".join(self._paths.get(node.export.name, ())),
-                "active": node.io is not None,
-            }
-            if node.io is not None:
-                pool, cache = node.io.pool, node.io.cache
-                entry |= dataclasses.asdict(pool.stats)
-                entry |= {
-                    "connections": pool.connections,
-                    "unflushed": pool.unflushed,
-                    "cache": {
-                        "used": cache.used,
-                        "capacity": cache.capacity,
-                        "hits": cache.hits,
-                        "misses": cache.misses,
-                    },
-                }
-            exports.append(entry)
-        out: dict[str, object] = {"server": self.config.target.describe(), "exports": exports}
+        """The mount's part of ``nbdfs status`` (the xattr on its root), from memory; each
+        export's is on its own file, so any number of exports fits."""
+        out: dict[str, object] = {
+            "server": self.config.target.describe(),
+            "exports": len(self.exports),
+            "active": sum(1 for n in self.exports if n.io is not None),
+            "cache": {"used": self._store.currsize, "capacity": self._store.capacity},
+        }
         if self.poller is not None:
             out["poll"] = {
                 "max_us": round(self.poller.max_budget * 1e6),
@@ -455,8 +452,12 @@ class NbdFs(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
         key = bytes(name)
-        if inode == pyfuse3.ROOT_INODE and key == STATUS_XATTR.encode():
-            return json.dumps(self.status()).encode()
+        if key == STATUS_XATTR.encode():
+            node = self._node(inode)
+            if inode == pyfuse3.ROOT_INODE:
+                return json.dumps(self.status()).encode()
+            if node.export is not None:
+                return json.dumps(self.export_status(node)).encode()
         # (The kernel asks for security.capability before every write: a name that is not
         # ours is answered without building the export's attributes.)
         value = self._xattrs(self._node(inode)).get(key) if key.startswith(XATTR_PREFIX) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable
 
@@ -51,6 +52,18 @@ def tune_malloc() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def raise_open_files_limit() -> None:
+    """Let the daemon hold as many sockets as the hard limit allows: every export read keeps
+    a connection until it has been idle a while, and the usual soft limit of 1024 would
+    make the thousandth export fail with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.info("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 def set_io_flusher() -> None:

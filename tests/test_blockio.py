@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from nbdfs.blockio import ExportIO
+from nbdfs.cache import BlockStore
 from nbdfs.pool import ExportPool
 from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
@@ -32,7 +33,7 @@ def pattern(offset: int, length: int) -> bytes:
 async def _with_io(address: str, cache: int, body: Callable[[ExportIO], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
         pool = ExportPool(parse_target(address), "", TlsConfig(), nursery)
-        io = ExportIO(pool, cache, nursery)
+        io = ExportIO(pool, BlockStore(cache), nursery)
         await body(io)
         await pool.aclose()
         nursery.cancel_scope.cancel()

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Paired A/B of two nbdfs builds on the same nbdkit server, in one run.
+
+    sudo .venv/bin/python bench/ab.py BASE [NEW] [--rounds 5] [--runtime 5] [--only TEXT]
+
+BASE and NEW are git revisions (NEW defaults to the work tree as it is, uncommitted
+changes included). Each is unpacked into a directory of its own and run with this venv's
+Python and PYTHONPATH pointing at it. Every round mounts each build afresh (an empty
+cache), drops the page cache, and runs the same job on each, alternating which goes
+first: 4 KiB random read at queue depth 1 and 16 (fio, O_DIRECT, whole export), dd
+sequential read (1 MiB) and sequential write + fsync. Prints, per row, the medians, the
+NEW/BASE ratio of the medians and the range of the per-round ratios (the noise), and the
+daemon's CPU time per request (from /proc) for each build.
+
+Needs root (to drop the page cache), nbdkit, fio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import (  # noqa: E402  (bench/ is not a package)
+    MiB,
+    dd_rate,
+    drop_caches,
+    fio_iops,
+    parse_size,
+    proc_stats,
+    server,
+    sh,
+    unmount,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unpack(rev: str | None, into: Path) -> Path:
+    """The tree of ``rev`` (None: the work tree, uncommitted changes included)."""
+    into.mkdir()
+    if rev is None:
+        files = sh("git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "nbdfs")
+        for name in files.split():
+            target = into / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((ROOT / name).read_bytes())
+    else:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev, "nbdfs"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+@contextlib.contextmanager
+def mounted(tree: Path, uri: str, mnt: Path) -> Iterator[tuple[Path, int]]:
+    env = {"PYTHONPATH": str(tree), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    subprocess.run(
+        [sys.executable, "-m", "nbdfs", "mount", uri + "/", str(mnt)],
+        check=True,
+        env=env,
+        cwd=tree,  # (not the checkout: its nbdfs/ would come first on sys.path)
+    )
+    pid = int(sh("pgrep", "-f", f"nbdfs mount .* {mnt}$").split()[0])
+    try:
+        yield mnt / "%default%", pid
+    finally:
+        unmount(mnt)
+        for _ in range(200):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+
+
+Job = tuple[str, str, Callable[[Path], tuple[float, float]]]  # value, requests done
+
+
+def jobs(size: int, runtime: int, rnd: Path) -> list[Job]:
+    n = size // MiB
+    wn = min(n, 256)
+
+    def iops(depth: int) -> Callable[[Path], tuple[float, float]]:
+        def run(f: Path) -> tuple[float, float]:
+            value = fio_iops(f, depth, runtime, f"{n}M")
+            return value, value * runtime
+
+        return run
+
+    return [
+        ("4K rand read QD1 (cold)", "IOPS", iops(1)),
+        ("4K rand read QD16 (cold)", "IOPS", iops(16)),
+        (
+            "seq read (dd 1M, cold)",
+            "MB/s",
+            lambda f: (dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6, n),
+        ),
+        (
+            "seq write + fsync (dd 1M)",
+            "MB/s",
+            lambda f: (
+                dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync")
+                / 1e6,
+                wn,
+            ),
+        ),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("base", help="git revision A (e.g. HEAD~3)")
+    ap.add_argument("new", nargs="?", help="git revision B (default: the work tree)")
+    ap.add_argument("--size", default="512M", help="export size (default 512M)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio figure")
+    ap.add_argument("--only", metavar="TEXT", help="just the rows whose name contains TEXT")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    names = {"A": args.base, "B": args.new or "work tree"}
+    values: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        trees = {"A": unpack(args.base, work / "A"), "B": unpack(args.new, work / "B")}
+        for m in ("ma", "mb"):
+            (work / m).mkdir()
+        rnd = work / "write.img"
+        sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
+        with server(size, work) as uri:
+            for r in range(args.rounds):
+                for name, unit, job in jobs(size, args.runtime, rnd):
+                    if args.only and args.only not in name:
+                        continue
+                    order = ["A", "B"] if r % 2 == 0 else ["B", "A"]
+                    for build in order:
+                        drop_caches()
+                        mnt = work / ("ma" if build == "A" else "mb")
+                        with mounted(trees[build], uri, mnt) as (path, pid):
+                            cpu0, _ = proc_stats(pid)
+                            value, requests = job(path)
+                            cpu1, _ = proc_stats(pid)
+                        values.setdefault(name, {}).setdefault(build, []).append(value)
+                        cpu.setdefault(name, {}).setdefault(build, []).append(
+                            (cpu1 - cpu0) / max(requests, 1) * 1e6
+                        )
+                        print(f"round {r + 1}: {name:28} {build} {value:10.1f} {unit}", flush=True)
+    print(f"\nA = {names['A']}, B = {names['B']}; {args.rounds} rounds, medians")
+    print(f"{'row':28} {'A':>10} {'B':>10} {'B/A':>6}  {'per-round B/A':>14}  CPU us/req A, B")
+    for name, per in values.items():
+        a, b = statistics.median(per["A"]), statistics.median(per["B"])
+        ratios = sorted(y / x for x, y in zip(per["A"], per["B"], strict=True) if x)
+        ca, cb = (statistics.median(cpu[name][k]) for k in ("A", "B"))
+        print(
+            f"{name:28} {a:10.1f} {b:10.1f} {b / a:6.2f}  {ratios[0]:.2f}-{ratios[-1]:.2f}"
+            f"       {ca:.0f}, {cb:.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
