@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import (  # noqa: E402  (bench/ is not a package)
+from compare import (
     MiB,
     dd_rate,
     drop_caches,

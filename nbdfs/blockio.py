@@ -20,15 +20,14 @@ import trio
 
 from .cache import Block, BlockCache, BlockStore, Entry, Fetch, Piece
 from .connection import Connection
-from .errors import NbdError
-from .handshake import Export
+from .errors import NbdError, ReadFailed
 from .journal import Change, Kind
 from .pool import ExportPool
-from .wire import DEFAULT_MAX_PAYLOAD, TransmissionFlag
+from .session import Geometry
+from .wire import TransmissionFlag
 
 log = logging.getLogger(__name__)
 
-CACHE_BLOCK = 32 * 1024  # cache granularity; clamped to the export's constraints
 READAHEAD_MAX = 8 * 1024 * 1024  # how far ahead a sequential reader is served
 
 
@@ -44,10 +43,6 @@ class RunBuffer(bytearray):
         buf = cls(size)
         buf.start = start
         return buf
-
-
-class ReadFailed(NbdError):
-    """A read of this block failed (another reader's fetch reported it)."""
 
 
 class RangeLock:
@@ -117,50 +112,41 @@ def _one_run(used: list[Block]) -> RunBuffer | None:
     return buf
 
 
-def _power_of_two_at_most(n: int) -> int:
-    return 1 << (n.bit_length() - 1)
-
-
 class ExportIO:
-    """Reads and writes of one export, shared by every open file of it."""
+    """Reads and writes of one export, shared by every open file of it.
 
-    def __init__(self, pool: ExportPool, store: BlockStore, nursery: trio.Nursery) -> None:
+    Built whole by :meth:`open` once the first connection told the export's geometry.
+    """
+
+    def __init__(self, pool: ExportPool, geometry: Geometry, store: BlockStore) -> None:
         self.pool = pool
+        self.geometry = geometry
+        # (the geometry's fields as plain attributes: they are read on every request)
+        self.size, self.minimum, self.maximum = geometry.size, geometry.minimum, geometry.maximum
+        self._sector = geometry.sector
         self._store = store
-        self._nursery = nursery
-        self._ready = False
         self._ranges = RangeLock()
         self._next_sequential = -1
         self._readahead = 0
         self._ahead: set[int] = set()  # blocks read ahead and not yet read
-        self.export: Export | None = None
-        self.cache = BlockCache(BlockStore(0), CACHE_BLOCK)
+        self.cache = BlockCache(store, geometry.cache_block)
+        self._use_fua = bool(pool.flags & TransmissionFlag.SEND_FUA)
+        self._use_zeroes = bool(pool.flags & TransmissionFlag.SEND_WRITE_ZEROES)
+        self.bytes_read = self.bytes_written = 0
         pool.verify = self._same_disk
 
-    async def _setup(self) -> Export:
-        """Learn the export's constraints from GO (authoritative) on first use."""
-        if self._ready:
-            assert self.export is not None
-            return self.export
-        export = await self.pool.ensure_connected()
-        if not self._ready:
-            block = export.block_size
-            self.minimum = block.minimum if block else 1
-            self.maximum = min(block.maximum if block else DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD)
-            self.maximum -= self.maximum % self.minimum
-            cb = min(CACHE_BLOCK, _power_of_two_at_most(self.maximum))
-            self.cache = BlockCache(self._store, max(cb, self.minimum))
-            # What a read at random fetches at least: a page, or the minimum block.
-            self._sector = min(max(self.minimum, 4096), self.cache.block_size)
-            self.size = export.size or 0
-            self.export = export
-            self._ready = True
-        return export
+    @classmethod
+    async def open(cls, pool: ExportPool, store: BlockStore) -> ExportIO:
+        """Connect (the first connection tells the geometry) and build the export's I/O.
+        Its read-ahead runs in the pool's nursery, so closing the pool ends it."""
+        return cls(pool, await pool.ensure_connected(), store)
 
     def stats(self) -> dict[str, object]:
         """This export's counters for ``nbdfs status``."""
         pool, cache = self.pool, self.cache
         return dataclasses.asdict(pool.stats) | {
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
             "connections": pool.connections,
             "unflushed": pool.unflushed,
             "failed": pool.failed is not None,
@@ -192,7 +178,6 @@ class ExportIO:
         if self.pool.failed is not None:  # (cached bytes are of another disk)
             self.cache.clear()
             raise self.pool.failed
-        await self._setup()
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
@@ -315,7 +300,7 @@ class ExportIO:
             runs.append(run)
         mine = runs.pop() if inline and runs else []
         for r in runs:
-            self._nursery.start_soon(self._fetch_run, r)
+            self.pool.tasks.start_soon(self._fetch_run, r)
         return out, mine
 
     def _maybe_readahead(self, offset: int, end: int, last: int) -> None:
@@ -366,7 +351,7 @@ class ExportIO:
                 data = await self.pool.run(
                     lambda c: c.read(start, size, into=RunBuffer.zeroed(size, start))
                 )
-            self.pool.stats.bytes_read += len(data)
+            self.bytes_read += len(data)
         except NbdError as exc:
             log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
             error = exc
@@ -404,7 +389,7 @@ class ExportIO:
 
         async def one(start: int, length: int) -> None:
             pieces[start] = await self.pool.run(lambda c: c.read(start, length))
-            self.pool.stats.bytes_read += length
+            self.bytes_read += length
 
         await _concurrently(
             *((one, (s, min(self.maximum, a1 - s))) for s in range(a0, a1, self.maximum))
@@ -416,7 +401,6 @@ class ExportIO:
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> int:
         """Write ``data`` at ``offset`` (the caller keeps it inside the export)."""
-        await self._setup()
         end = offset + len(data)
         assert end <= self.size
         if offset % self.minimum or end % self.minimum:
@@ -436,8 +420,7 @@ class ExportIO:
         cb = self.cache.block_size
         blocks = range(offset // cb, (end - 1) // cb + 1)
         started = self.cache.start_write(blocks)
-        assert self.export is not None
-        use_fua = fua and bool(self.export.flags & TransmissionFlag.SEND_FUA)
+        use_fua = fua and self._use_fua
         view = memoryview(data)
         ok = False
         try:
@@ -469,8 +452,7 @@ class ExportIO:
             self.cache.end_write(started, updates, ok)
 
     async def _write_piece(self, start: int, piece: memoryview, fua: bool) -> None:
-        assert self.export is not None
-        if self.export.flags & TransmissionFlag.SEND_WRITE_ZEROES and _all_zero(piece):
+        if self._use_zeroes and _all_zero(piece):
             # Nothing to carry on the wire, and a sparse export stays sparse (the server may
             # punch a hole: NBD_CMD_FLAG_NO_HOLE is not set).
             await self.pool.run(
@@ -481,7 +463,11 @@ class ExportIO:
             await self.pool.run(
                 lambda c: c.write(start, piece, fua), journal=Change.write(start, piece, fua)
             )
-        self.pool.stats.bytes_written += len(piece)
+        self.bytes_written += len(piece)
 
     async def flush(self) -> None:
         await self.pool.flush()
+
+    async def aclose(self) -> int:
+        """Flush and disconnect; the bytes that may be lost if the final flush failed."""
+        return await self.pool.aclose()

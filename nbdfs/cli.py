@@ -24,7 +24,7 @@ import trio
 
 from . import __version__
 from .connection import DEFAULT_TIMEOUT, list_exports
-from .errors import NbdError, TargetError
+from .errors import MountError, NbdError, TargetError, UsageError
 from .fs import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_CONNECTIONS,
@@ -32,9 +32,7 @@ from .fs import (
     STATUS_XATTR,
     MountConfig,
 )
-from .handshake import Export, TlsMode
 from .mount import (
-    MountError,
     fuse_options,
     raise_open_files_limit,
     run_mount,
@@ -42,12 +40,12 @@ from .mount import (
     tune_malloc,
 )
 from .poll import MAX_BUDGET
+from .session import Export, TlsMode
 from .target import Target, parse_target
 from .tls import TlsConfig
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the server, the network or the system said no
-EXIT_USAGE = 2  # the command line is wrong
 
 TARGET_HELP = """\
 TARGET is one of:
@@ -498,9 +496,9 @@ def parse_size(text: str) -> int:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise TargetError(f"bad size {text!r}: give bytes or a number with K, M or G")
+        raise UsageError(f"bad size {text!r}: give bytes or a number with K, M or G")
     if value < 0:
-        raise TargetError(f"bad size {text!r}: must not be negative")
+        raise UsageError(f"bad size {text!r}: must not be negative")
     return int(value)
 
 
@@ -554,7 +552,7 @@ def split_mount_options(args: argparse.Namespace) -> set[str]:
                 setattr(args, attr, True)
             elif getattr(args, attr) is None:
                 if not value:
-                    raise TargetError(f"-o {key} needs a value: -o {key}=VALUE")
+                    raise UsageError(f"-o {key} needs a value: -o {key}=VALUE")
                 setattr(args, attr, value)
     return fuse
 
@@ -580,9 +578,9 @@ def _number(
     try:
         number = kind(value)
     except ValueError:
-        raise TargetError(f"{name} takes {what} from {lo:g} to {hi:g}, not {value!r}") from None
+        raise UsageError(f"{name} takes {what} from {lo:g} to {hi:g}, not {value!r}") from None
     if not (math.isfinite(number) and lo <= number <= hi):
-        raise TargetError(f"{name} takes {what} from {lo:g} to {hi:g}, not {value!r}")
+        raise UsageError(f"{name} takes {what} from {lo:g} to {hi:g}, not {value!r}")
     return number
 
 
@@ -789,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except NbdError as exc:
         print(f"nbdfs: {exc}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, TargetError) else EXIT_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -37,7 +37,8 @@ from .errors import (
     ProtocolError,
     TlsError,
 )
-from .handshake import Action, Handshake, Listing, Receive, Send, Session, StartTls
+from .handshake import Action, Handshake, Receive, Send, StartTls
+from .session import Listing, Session
 from .target import Target
 from .tls import TlsConfig, describe_ssl_error
 from .transmission import Reply, Transmission

@@ -15,6 +15,14 @@ from .wire import Errno
 class NbdError(Exception):
     """Base of every error nbdfs reports to a user."""
 
+    exit_code = 1  # the server, the network or the system said no
+
+
+class UsageError(NbdError):
+    """A command line, TARGET or option that cannot be used."""
+
+    exit_code = 2
+
 
 class ProtocolError(NbdError):
     """The server sent something the NBD protocol does not allow (a "remote" error).
@@ -49,8 +57,28 @@ class OptionError(ConnectError):
         self.server_message = server_message
 
 
-class TargetError(NbdError):
+class TargetError(UsageError):
     """A TARGET (host, host:port or NBD URI) that cannot be used."""
+
+
+class MountError(NbdError):
+    """The mount itself failed (mountpoint, FUSE, the daemon)."""
+
+
+class RequestTimeout(NbdError):
+    """A request got no answer within ``--timeout``."""
+
+
+class ExportChanged(NbdError):
+    """A different export is behind the same name: the export fails for good."""
+
+
+class ReadFailed(NbdError):
+    """A read of a block failed (another reader's fetch reported it)."""
+
+
+class PkiError(NbdError):
+    """The certificate directory cannot be created as asked."""
 
 
 class ConnectionLost(NbdError):

@@ -27,10 +27,10 @@ from .blockio import ExportIO
 from .cache import BlockStore
 from .connection import DEFAULT_TIMEOUT
 from .errors import CommandError, NbdError
-from .handshake import Export
 from .names import export_paths
 from .poll import MAX_BUDGET, AdaptivePoll
 from .pool import ExportPool
+from .session import Export
 from .target import Target
 from .tls import TlsConfig
 
@@ -71,7 +71,8 @@ class Node:
     parent: int
     export: Export | None = None  # None: a directory
     children: dict[bytes, Node] = field(default_factory=dict)
-    io: ExportIO | None = None
+    io: ExportIO | None = None  # once the export was first used and connected
+    opening: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass(slots=True)
@@ -87,17 +88,32 @@ def _errno_for(exc: BaseException) -> int:
     return exc.errno if isinstance(exc, CommandError) else errno.EIO
 
 
-def _fuse_errors(
+def _polled(
     fn: Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]]:
-    """Turn every failure into FUSEError (pyfuse3 would end the mount on anything else);
-    tell the poller when a request begins and ends."""
+    """Tell the poller when a request that may go to the server begins and ends."""
 
     @functools.wraps(fn)
     async def wrapper(self: NbdFs, /, *args: P.args, **kwargs: P.kwargs) -> R:
         poller = self.poller
-        if poller is not None:
-            poller.enter()
+        if poller is None:
+            return await fn(self, *args, **kwargs)
+        poller.enter()
+        try:
+            return await fn(self, *args, **kwargs)
+        finally:
+            poller.leave()
+
+    return wrapper
+
+
+def _fuse_errors(
+    fn: Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]]:
+    """Turn every failure into FUSEError (pyfuse3 would end the mount on anything else)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: NbdFs, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -113,9 +129,6 @@ def _fuse_errors(
         except Exception:
             log.exception("%s failed unexpectedly (a bug in nbdfs)", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            if poller is not None:
-                poller.leave()
 
     return wrapper
 
@@ -251,21 +264,31 @@ class NbdFs(pyfuse3.Operations):
             attr.st_blocks = (attr.st_size + 511) // 512
         return attr
 
-    def _io(self, node: Node) -> ExportIO:
-        """The export's I/O object; its connections open lazily on the first request."""
-        if node.io is None:
-            assert node.export is not None
-            cfg = self.config
-            pool = ExportPool(
-                cfg.target,
-                node.export.name,
-                cfg.tls,
-                self._nursery,
-                limit=cfg.connections,
-                timeout=cfg.timeout,
-            )
-            node.io = ExportIO(pool, self._store, self._nursery)
-        return node.io
+    async def _io(self, node: Node) -> ExportIO:
+        """The export's I/O object, built (and connected) on the export's first use."""
+        io = node.io
+        if io is not None:
+            return io
+        async with node.opening:
+            if node.io is None:
+                assert node.export is not None
+                cfg = self.config
+                pool = ExportPool(
+                    cfg.target,
+                    node.export.name,
+                    cfg.tls,
+                    self._nursery,
+                    limit=cfg.connections,
+                    timeout=cfg.timeout,
+                    poller=self.poller,
+                )
+                try:
+                    node.io = await ExportIO.open(pool, self._store)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await pool.aclose()
+                    raise
+            return node.io
 
     # -- the tree --------------------------------------------------------------------------
 
@@ -351,7 +374,6 @@ class NbdFs(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(node, bool(flags & (os.O_SYNC | os.O_DSYNC)), writable)
-        self._io(node)
         # O_DIRECT (e.g. losetup --direct-io=on) bypasses the kernel's page cache, as asked.
         # Otherwise the kernel drops a file's cached pages at each open, unless told to keep
         # them (--kernel-cache): right only while all writes come through this mount.
@@ -368,12 +390,15 @@ class NbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         return handle
 
+    @_polled
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         # pyfuse3 replies from any buffer (PyObject_GetBuffer); a memoryview saves a copy.
-        return await self._io(handle.node).read(off, size)  # type: ignore[return-value]
+        io = handle.node.io or await self._io(handle.node)
+        return await io.read(off, size)  # type: ignore[return-value]
 
+    @_polled
     @_fuse_errors
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
@@ -383,12 +408,15 @@ class NbdFs(pyfuse3.Operations):
         if off >= size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         data = memoryview(buf)[: size - off]  # a write across the end is cut short, like a disk
-        return await self._io(node).write(off, data, fua=handle.sync)
+        io = node.io or await self._io(node)
+        return await io.write(off, data, fua=handle.sync)
 
+    @_polled
     @_fuse_errors
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         handle = self._handle(fh)
-        await self._io(handle.node).flush()
+        if handle.node.io is not None:  # (nothing was written through an export not opened)
+            await handle.node.io.flush()
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None  # close() is not fsync(), as on any disk; the kernel calls fsync for that
@@ -517,7 +545,7 @@ class NbdFs(pyfuse3.Operations):
 
         async def close(node: Node) -> None:
             assert node.io is not None and node.export is not None
-            n = await node.io.pool.aclose()
+            n = await node.io.aclose()
             if n:
                 lost[node.export.name] = n
 

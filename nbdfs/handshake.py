@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import wire
 from .errors import (
@@ -38,6 +38,7 @@ from .errors import (
     ProtocolError,
     TlsError,
 )
+from .session import BlockSize, Export, Listing, Session, TlsMode
 from .wire import Info, Opt, Rep, TransmissionFlag
 
 log = logging.getLogger(__name__)
@@ -59,57 +60,6 @@ class StartTls:
 
 
 Action = Send | Receive | StartTls
-
-
-class TlsMode(enum.Enum):
-    """What the user asked for: never, when the server offers it, or always."""
-
-    DISABLE = "disable"
-    ALLOW = "allow"
-    REQUIRE = "require"
-
-
-@dataclass(frozen=True, slots=True)
-class BlockSize:
-    """An export's size constraints ("Size constraints")."""
-
-    minimum: int
-    preferred: int
-    maximum: int
-
-
-@dataclass(frozen=True, slots=True)
-class Export:
-    """What the server told us about one export."""
-
-    name: str
-    size: int | None = None  # None: the server would not say (no NBD_OPT_INFO, or TLS-only)
-    flags: TransmissionFlag = TransmissionFlag(0)
-    description: str | None = None
-    block_size: BlockSize | None = None
-    tls_required: bool = False  # SELECTIVETLS: the server wants TLS before saying more
-
-    @property
-    def read_only(self) -> bool:
-        return bool(self.flags & TransmissionFlag.READ_ONLY)
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """The outcome of a handshake that entered the transmission phase."""
-
-    export: Export
-    structured_replies: bool
-    meta_contexts: dict[str, int] = field(default_factory=dict)
-    tls: bool = False
-    # True when GO carried an NBD_INFO_BLOCK_SIZE request: we then MUST honour the constraints.
-    block_size_requested: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Listing:
-    exports: list[Export]
-    tls: bool
 
 
 @dataclass(frozen=True, slots=True)

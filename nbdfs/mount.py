@@ -21,15 +21,11 @@ from . import poll
 from .connection import list_exports, probe_export
 from .errors import NbdError, TlsError
 from .fs import MountConfig, NbdFs
-from .handshake import Export
+from .session import Export
 
 log = logging.getLogger(__name__)
 
 PR_SET_IO_FLUSHER = 57
-
-
-class MountError(NbdError):
-    """The mount itself failed (mountpoint, FUSE)."""
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -125,14 +121,14 @@ def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
     """
     try:
         with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == mountpoint:
-                    dev = fields[2]
-            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as ra:
-                ra.write(f"{kb}\n")
-            log.info("kernel read-ahead of %s (bdi %s) set to %d KiB", mountpoint, dev, kb)
-    except (OSError, UnboundLocalError) as exc:
+            devs = [fields[2] for fields in map(str.split, f) if fields[4] == mountpoint]
+        if not devs:
+            log.info("cannot raise the kernel read-ahead of %s: not in mountinfo", mountpoint)
+            return
+        with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as ra:
+            ra.write(f"{kb}\n")
+        log.info("kernel read-ahead of %s (bdi %s) set to %d KiB", mountpoint, devs[-1], kb)
+    except OSError as exc:
         log.info("cannot raise the kernel read-ahead of %s: %s", mountpoint, exc)
 
 

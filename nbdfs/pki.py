@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import NbdError
+from .errors import PkiError
 
 FILES = (
     "ca-cert.pem",
@@ -39,10 +39,6 @@ FILES = (
     "client-cert.pem",
     "client-key.pem",
 )
-
-
-class PkiError(NbdError):
-    """The certificate directory cannot be created as asked."""
 
 
 @dataclass(frozen=True, slots=True)

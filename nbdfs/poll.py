@@ -42,11 +42,6 @@ MIN_BUDGET = 4e-6
 BUSY = 4  # requests in progress from which polling is left off until all are done
 QUIET = 64  # requests in a row without NBD I/O after which polling is left off
 
-_installed: trio.lowlevel.RunVar[AdaptivePoll | None] = trio.lowlevel.RunVar(
-    "nbdfs_poll", default=None
-)
-
-
 def _epoll_descriptor() -> int | None:
     """trio's epoll descriptor: the process's only one (trio uses epoll on Linux)."""
     found = []
@@ -76,7 +71,7 @@ class AdaptivePoll(trio.abc.Instrument):
         self.budget = 0.0
         self.in_progress = 0
         self.active = False  # installed in the running loop
-        self.network = 0  # NBD requests sent (see network_io)
+        self.network = 0  # NBD requests sent (counted by the pools it was handed to)
         self._network_seen = 0  # ...when the requests now in progress began
         self._quiet = 0  # requests in a row that sent none
         self._poll = select.poll()
@@ -146,13 +141,6 @@ class AdaptivePoll(trio.abc.Instrument):
                 self.stop()
 
 
-def network_io() -> None:
-    """An NBD request is about to be sent (a no-op unless polling is installed)."""
-    poller = _installed.get()
-    if poller is not None:
-        poller.network += 1
-
-
 def install(max_budget: float) -> AdaptivePoll | None:
     """Add adaptive polling to the running trio loop (None: off, or not possible here)."""
     if max_budget <= 0:
@@ -163,5 +151,4 @@ def install(max_budget: float) -> AdaptivePoll | None:
         return None
     instrument = AdaptivePoll(fd, max_budget)
     instrument.start()
-    _installed.set(instrument)
     return instrument

@@ -8,10 +8,12 @@ outside them, as in httpcore's pool. The rules:
   commands over more than one connection"). A request goes to the usable connection with
   the fewest requests in flight; another connection opens only when all are busy.
 * **Every request waits at most ``timeout`` seconds**, for a connection (re-connecting with
-  backoff while the server is away) and for its reply. A connection that let a request time
-  out is dropped, since the server may be stalled; the caller gets EIO and the next request
-  tries again. (A reply is watched by :meth:`ExportPool._watch`, once a second, not by a
-  deadline per request, which cost ~9 us each: it may fail up to a second late.)
+  :class:`Backoff` while the server is away) and for its reply. One design bounds every
+  wait: a wait for a connection, a replay or a flush runs under :meth:`ExportPool._deadline`;
+  a reply on a connection that is there is watched by :meth:`ExportPool._watch`, once a
+  second, not by a deadline per request, which cost ~9 us each (it may fail up to a second
+  late). A connection that let a request time out is dropped, since the server may be
+  stalled; the caller gets EIO and the next request tries again.
 * **A request whose connection was lost is sent again** on a new one: reads and writes alike
   (a write to the same bytes never overtakes it, since :mod:`nbdfs.blockio` serializes
   overlapping writes). NBD_ESHUTDOWN counts as a lost connection (the server did not run the
@@ -41,11 +43,19 @@ from typing import TypeVar
 
 import trio
 
-from . import poll
 from .connection import DEFAULT_TIMEOUT, Connection
-from .errors import ConnectError, ConnectionLost, ExportNotFound, NbdError, TlsError
-from .handshake import Export
+from .errors import (
+    ConnectError,
+    ConnectionLost,
+    ExportChanged,
+    ExportNotFound,
+    NbdError,
+    RequestTimeout,
+    TlsError,
+)
 from .journal import Change, Journal, Kind
+from .poll import AdaptivePoll
+from .session import Export, Geometry
 from .target import Target
 from .tls import TlsConfig
 from .wire import TransmissionFlag
@@ -57,12 +67,16 @@ JOURNAL_LIMIT = 64 << 20  # unflushed bytes kept for replay before a flush is fo
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0  # seconds between reconnection attempts
 
 
-class RequestTimeout(NbdError):
-    """A request got no answer within ``--timeout``."""
+class Backoff:
+    """The wait before each new attempt at something that may come back (a server, a
+    connection): BACKOFF_MIN, doubling up to BACKOFF_MAX. One per attempt series."""
 
+    def __init__(self) -> None:
+        self.delay = BACKOFF_MIN
 
-class ExportChanged(NbdError):
-    """A new connection found a different export behind the same name."""
+    async def wait(self) -> None:
+        await trio.sleep(self.delay)
+        self.delay = min(self.delay * 2, BACKOFF_MAX)
 
 
 @dataclass(slots=True)
@@ -73,8 +87,6 @@ class Stats:
     reconnects: int = 0
     requests: int = 0
     retries: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
     errors: int = 0
     timeouts: int = 0
     lost: int = 0
@@ -107,6 +119,7 @@ class ExportPool:
         timeout: float = DEFAULT_TIMEOUT,
         idle_timeout: float = 30.0,
         journal_limit: int = JOURNAL_LIMIT,
+        poller: AdaptivePoll | None = None,
     ) -> None:
         self.target = target
         self.name = name
@@ -115,9 +128,13 @@ class ExportPool:
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self.journal_limit = journal_limit
+        self._poller = poller  # told of every request that goes to the server
         self.export: Export | None = None
         self.stats = Stats()
-        self._nursery = nursery
+        self._outer = nursery  # where the pool's own nursery runs (the mount's)
+        self._home: trio.Nursery | None = None  # the pool's own: readers, watchdog, reaper
+        self._home_lock = trio.Lock()
+        self._home_done = trio.Event()
         self._conns: list[Connection] = []
         self._last_used: dict[Connection, float] = {}
         self._opening = 0
@@ -131,7 +148,6 @@ class ExportPool:
         self._busy = 0  # requests between choosing a connection and their outcome
         self._idle = trio.Event()
         self._closed = False
-        self._reaper_started = False
         self._most: int | None = None  # connections allowed, once the export's flags are known
         # Checks, on the first connection after all were gone, that it reaches the same disk:
         # returns why not, or None (set by the export's I/O object, which knows its bytes).
@@ -139,6 +155,11 @@ class ExportPool:
         self.failed: ExportChanged | None = None  # set once for good: the disk changed
 
     # -- choosing and opening connections ------------------------------------------------
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        """The export's transmission flags (known once connected)."""
+        return self.export.flags if self.export is not None else TransmissionFlag(0)
 
     @property
     def connections(self) -> int:
@@ -177,7 +198,7 @@ class ExportPool:
                     )
             self.stats.lost += 1
             self._lost_pending += 1
-            self._nursery.start_soon(conn.aclose)
+            self._spawn(conn.aclose)
 
     def _pick(self) -> Connection | None:
         """The connection for the next request, if one is there to take without waiting:
@@ -193,7 +214,7 @@ class ExportPool:
         return best
 
     async def _get(self) -> Connection:
-        backoff = BACKOFF_MIN
+        backoff = Backoff()
         while True:
             if self._closed:
                 raise ConnectionLost("the mount is shutting down")
@@ -210,11 +231,10 @@ class ExportPool:
                         "export %r: replay interrupted (%s); retrying in %.2fs",
                         self.name,
                         exc,
-                        backoff,
+                        backoff.delay,
                     )
                     self._prune()
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    await backoff.wait()
                 continue
             best = self._pick()
             if best is not None:
@@ -230,16 +250,45 @@ class ExportPool:
                 if not _transient(exc) or self._closed:
                     raise
                 log.info(
-                    "export %r: cannot connect (%s); retrying in %.2fs", self.name, exc, backoff
+                    "export %r: cannot connect (%s); retrying in %.2fs",
+                    self.name,
+                    exc,
+                    backoff.delay,
                 )
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                await backoff.wait()
+
+    @property
+    def tasks(self) -> trio.Nursery:
+        """The pool's own nursery (there once a connection opened): closing the pool
+        cancels what runs in it."""
+        assert self._home is not None
+        return self._home
+
+    def _spawn(self, fn: Callable[[], Awaitable[object]]) -> None:
+        if self._home is not None:
+            self._home.start_soon(fn)
+        else:
+            self._outer.start_soon(fn)
+
+    async def _run_home(self, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reap_idle)
+                nursery.start_soon(self._watch)
+                task_status.started(nursery)
+                await trio.sleep_forever()  # until aclose cancels it
+        finally:
+            self._home_done.set()
 
     async def _open(self) -> Connection:
+        if self._home is None:
+            async with self._home_lock:
+                if self._home is None:
+                    self._home = await self._outer.start(self._run_home)
         self._opening += 1
         try:
             conn = await Connection.open(
-                self.target, self.name, self.tls, self._nursery, timeout=self.timeout
+                self.target, self.name, self.tls, self._home, timeout=self.timeout
             )
         finally:
             self._opening -= 1
@@ -259,10 +308,10 @@ class ExportPool:
                 try:
                     why = await self.verify(conn)
                 except BaseException:
-                    self._nursery.start_soon(conn.aclose)
+                    self._spawn(conn.aclose)
                     raise
             if why is not None:
-                self._nursery.start_soon(conn.aclose)
+                self._spawn(conn.aclose)
                 raise self._fail(why)
         if self._lost_pending:
             self._lost_pending -= 1
@@ -270,10 +319,6 @@ class ExportPool:
         self.stats.connects += 1
         self._conns.append(conn)
         self._last_used[conn] = trio.current_time()
-        if not self._reaper_started:
-            self._reaper_started = True
-            self._nursery.start_soon(self._reap_idle)
-            self._nursery.start_soon(self._watch)
         return conn
 
     def _fail(self, why: str) -> ExportChanged:
@@ -293,11 +338,10 @@ class ExportPool:
             self._changed.set()
         return self.failed
 
-    async def ensure_connected(self) -> Export:
-        """Open the first connection if none is open, and return what GO said."""
-        await self.run(_noop)
-        assert self.export is not None
-        return self.export
+    async def ensure_connected(self) -> Geometry:
+        """Open the first connection if none is open; the geometry GO gave the export."""
+        conn = await self.run(_connection)
+        return conn.core.geometry
 
     # -- requests --------------------------------------------------------------------------
 
@@ -319,7 +363,8 @@ class ExportPool:
             NbdError: the server answered with an error, or refused us for good.
         """
         self.stats.requests += 1
-        poll.network_io()
+        if self._poller is not None:
+            self._poller.network += 1
         if self.failed is not None:
             self.stats.errors += 1
             raise self.failed
@@ -380,14 +425,11 @@ class ExportPool:
         """:meth:`run` when it must wait for a connection (opening, reconnecting, replaying)
         or send the request again: all of it within the timeout."""
         conn: Connection | None = None
-        # A bare CancelScope: trio.fail_after's generator context manager costs more.
-        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
-        with scope:
-            backoff = BACKOFF_MIN
+        with self._deadline():
+            backoff = Backoff()
             while True:
                 if lost:
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    await backoff.wait()
                 conn = await self._get()
                 try:
                     return await self._attempt(conn, op, journal)
@@ -397,6 +439,14 @@ class ExportPool:
         if conn is not None and conn in self._conns and conn.in_flight:
             self._time_out(conn)
         raise RequestTimeout(f"export {self.name!r}: no answer within {self.timeout}s")
+
+    def _deadline(self) -> trio.CancelScope:
+        """The bound on a wait for a connection (to open, come back, replay) or a flush:
+        ``timeout`` from now. (A reply on a connection that is there is bounded by the
+        watchdog instead, which costs nothing per request.) A bare CancelScope, not
+        trio.fail_after, whose generator context manager costs more: the caller raises
+        RequestTimeout when the block ends without returning."""
+        return trio.CancelScope(deadline=trio.current_time() + self.timeout)
 
     def _time_out(self, conn: Connection) -> None:
         log.warning(
@@ -477,34 +527,32 @@ class ExportPool:
         if self.failed is not None:
             raise self.failed
         async with self._flush_lock:
-            try:
-                with trio.fail_after(self.timeout):
-                    while True:
-                        self._prune()
-                        if self._need_replay:
-                            await self._get()  # replays (and flushes) before returning
-                            continue
-                        if self._try_flush_done():
-                            return
-                        mark = self._journal.mark
-                        dirty = list(self._dirty)
-                        self._dirty.difference_update(dirty)
-                        try:
-                            for conn in dirty:
-                                await conn.flush()
-                                self.stats.flushes += 1
-                        except ConnectionLost:
-                            self._dirty.update(c for c in dirty if c.usable)
-                            self._prune()
-                            continue
-                        self._journal.forget(mark)
+            with self._deadline():
+                while True:
+                    self._prune()
+                    if self._need_replay:
+                        await self._get()  # replays (and flushes) before returning
+                        continue
+                    if self._try_flush_done():
                         return
-            except trio.TooSlowError:
-                self.stats.timeouts += 1
-                raise RequestTimeout(
-                    f"export {self.name!r}: could not flush within {self.timeout}s; the data is"
-                    " kept and the next fsync tries again"
-                ) from None
+                    mark = self._journal.mark
+                    dirty = list(self._dirty)
+                    self._dirty.difference_update(dirty)
+                    try:
+                        for conn in dirty:
+                            await conn.flush()
+                            self.stats.flushes += 1
+                    except ConnectionLost:
+                        self._dirty.update(c for c in dirty if c.usable)
+                        self._prune()
+                        continue
+                    self._journal.forget(mark)
+                    return
+            self.stats.timeouts += 1
+            raise RequestTimeout(
+                f"export {self.name!r}: could not flush within {self.timeout}s; the data is"
+                " kept and the next fsync tries again"
+            )
 
     def _try_flush_done(self) -> bool:
         """Nothing to flush, or no way to (the export has no NBD_CMD_FLUSH)."""
@@ -556,8 +604,11 @@ class ExportPool:
         async with trio.open_nursery() as nursery:
             for conn in conns:
                 nursery.start_soon(conn.aclose)
+        if self._home is not None:  # the watchdog, the reaper, read-ahead, closes: all done
+            self._home.cancel_scope.cancel()
+            await self._home_done.wait()
         return lost
 
 
-async def _noop(conn: Connection) -> None:
-    return None
+async def _connection(conn: Connection) -> Connection:
+    return conn

@@ -7,7 +7,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from .errors import TargetError
-from .handshake import TlsMode
+from .session import TlsMode
 from .wire import DEFAULT_PORT
 
 _SCHEMES = {

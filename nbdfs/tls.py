@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import TlsError
-from .handshake import TlsMode
+from .session import TlsMode
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from . import wire
 from .errors import LocalProtocolError, ProtocolError
-from .handshake import Session
+from .session import Geometry, Session
 from .wire import Cmd, CmdFlag, ReplyType, TransmissionFlag
 
 # Commands that carry an offset and length and so obey the export's size and alignment.
@@ -109,11 +109,8 @@ class Transmission:
         self.flags = export.flags
         self.structured = session.structured_replies
         self._contexts = {ctx_id: name for name, ctx_id in session.meta_contexts.items()}
-        block = export.block_size
-        self.minimum = block.minimum if block and session.block_size_requested else 1
-        self.maximum = (
-            min(block.maximum, wire.DEFAULT_MAX_PAYLOAD) if block else wire.DEFAULT_MAX_PAYLOAD
-        )
+        self.geometry = Geometry.of(session)
+        self.minimum, self.maximum = self.geometry.minimum, self.geometry.maximum
         self._pending: dict[int, _Pending] = {}
         self._next_cookie = 1
         # Received bytes not yet parsed: our own bytearray, or (between receive_data() and

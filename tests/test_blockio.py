@@ -33,7 +33,7 @@ def pattern(offset: int, length: int) -> bytes:
 async def _with_io(address: str, cache: int, body: Callable[[ExportIO], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
         pool = ExportPool(parse_target(address), "", TlsConfig(), nursery)
-        io = ExportIO(pool, BlockStore(cache), nursery)
+        io = await ExportIO.open(pool, BlockStore(cache))
         await body(io)
         await pool.aclose()
         nursery.cancel_scope.cancel()
@@ -81,7 +81,7 @@ def test_a_random_read_fetches_what_it_asks_and_a_second_touch_the_whole_block()
 
     async def body(io: ExportIO) -> None:
         def fetched() -> int:
-            return io.pool.stats.bytes_read
+            return io.bytes_read
 
         base = 5 * MiB
         assert bytes(await io.read(base + 8192 + 100, 300)) == pattern(base + 8192 + 100, 300)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from nbdfs import wire
 from nbdfs.connection import Connection, drive
 from nbdfs.errors import ConnectionLost, NbdError, ProtocolError
-from nbdfs.handshake import Export, Handshake, Session
+from nbdfs.handshake import Handshake
+from nbdfs.session import Export, Session
 from nbdfs.target import Target
 from nbdfs.tls import TlsConfig
 from nbdfs.wire import Cmd, ReplyType, TransmissionFlag

@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdfs.errors import NbdError
-from nbdfs.handshake import Export, Handshake, Session, TlsMode
+from nbdfs.handshake import Handshake
+from nbdfs.session import Export, Session, TlsMode
 from nbdfs.transmission import Transmission
 from nbdfs.wire import Cmd, CmdFlag, ReplyType, TransmissionFlag
 

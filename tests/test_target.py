@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nbdfs.errors import TargetError
-from nbdfs.handshake import TlsMode
+from nbdfs.session import TlsMode
 from nbdfs.target import Target, parse_target
 
 

@@ -263,7 +263,7 @@ PSK_CLIENT = """
 import sys, trio
 from nbdfs.connection import list_exports
 from nbdfs.errors import NbdError
-from nbdfs.handshake import TlsMode
+from nbdfs.session import TlsMode
 from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
 cfg = TlsConfig(TlsMode.REQUIRE, psk_file=sys.argv[2], username=sys.argv[3])
@@ -321,7 +321,7 @@ def test_every_connection_does_its_own_tls_handshake(
     import trio
 
     from nbdfs.connection import probe_export
-    from nbdfs.handshake import TlsMode
+    from nbdfs.session import TlsMode
     from nbdfs.target import parse_target
     from nbdfs.tls import TlsConfig
 

@@ -11,7 +11,7 @@ import pytest
 
 from nbdfs import wire
 from nbdfs.errors import LocalProtocolError, ProtocolError
-from nbdfs.handshake import BlockSize, Export, Session
+from nbdfs.session import BlockSize, Export, Session
 from nbdfs.transmission import Reply, Transmission
 from nbdfs.wire import Cmd, CmdFlag, ReplyType, TransmissionFlag
 
