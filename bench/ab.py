@@ -106,8 +106,7 @@ def jobs(size: int, runtime: int, rnd: Path) -> list[Job]:
             "seq write + fsync (dd 1M)",
             "MB/s",
             lambda f: (
-                dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync")
-                / 1e6,
+                dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync") / 1e6,
                 wn,
             ),
         ),
@@ -121,7 +120,9 @@ def main() -> None:
     ap.add_argument("base", help="git revision A (e.g. HEAD~3)")
     ap.add_argument("new", nargs="?", help="git revision B (default: the work tree)")
     ap.add_argument("--size", default="512M", help="export size (default 512M)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--rounds", type=int, default=6, help="rounds (even: each build goes first as often)"
+    )
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio figure")
     ap.add_argument("--only", metavar="TEXT", help="just the rows whose name contains TEXT")
     args = ap.parse_args()
@@ -134,7 +135,10 @@ def main() -> None:
         trees = {"A": unpack(args.base, work / "A"), "B": unpack(args.new, work / "B")}
         for m in ("ma", "mb"):
             (work / m).mkdir()
-        rnd = work / "write.img"
+        # The data dd writes, in memory: the page cache is dropped before every figure,
+        # and a source read back from disk made whichever build went first the slower.
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        rnd = shm / "write.img"
         sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
         with server(size, work) as uri:
             for r in range(args.rounds):
@@ -154,6 +158,8 @@ def main() -> None:
                             (cpu1 - cpu0) / max(requests, 1) * 1e6
                         )
                         print(f"round {r + 1}: {name:28} {build} {value:10.1f} {unit}", flush=True)
+        rnd.unlink()
+        shm.rmdir()
     print(f"\nA = {names['A']}, B = {names['B']}; {args.rounds} rounds, medians")
     print(f"{'row':28} {'A':>10} {'B':>10} {'B/A':>6}  {'per-round B/A':>14}  CPU us/req A, B")
     for name, per in values.items():

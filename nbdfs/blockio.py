@@ -183,14 +183,30 @@ class ExportIO:
             return b""
         if not self.cache.enabled:
             return await self._read_direct(offset, end)
+        return await self._read(offset, end, offset == self._next_sequential, reader=True)
+
+    async def _read_own(self, offset: int, end: int) -> bytes | bytearray | memoryview:
+        """The bytes a read-modify-write keeps: read like any other, but not as a reader's
+        read (no hit or miss counted, the sequential detector and read-ahead unmoved)."""
+        if offset >= end:
+            return b""
+        if not self.cache.enabled:
+            return await self._read_direct(offset, end)
+        return await self._read(offset, end, sequential=False, reader=False)
+
+    async def _read(
+        self, offset: int, end: int, sequential: bool, reader: bool
+    ) -> bytes | bytearray | memoryview:
+        """Bytes ``offset`` to ``end`` (inside the export) through the cache: each block's
+        cached bytes, or the fetch in flight it joins, or a new fetch; then sliced."""
         cb = self.cache.block_size
         first, last = offset // cb, (end - 1) // cb
-        sequential = offset == self._next_sequential
         # A sequential reader gets whole blocks (and read-ahead); a read at random only the
         # sectors it asks for, in a block it touches the first time.
         span = None if sequential else (offset, end)
-        fetches, mine = self._fetches_for(range(first, last + 1), span, inline=True)
-        self._maybe_readahead(offset, end, last)
+        fetches, mine = self._fetches_for(range(first, last + 1), span, reader, inline=True)
+        if reader:
+            self._maybe_readahead(offset, end, last)
         if mine:
             await self._fetch_run(mine)  # in this task: no task to spawn and wake
         parts = []
@@ -407,8 +423,8 @@ class ExportIO:
             a0 = offset - offset % self.minimum
             a1 = end + (-end % self.minimum)
             async with self._ranges.hold(a0, a1):
-                head = await self.read(a0, offset - a0) if offset > a0 else b""
-                tail = await self.read(end, a1 - end) if a1 > end else b""
+                head = await self._read_own(a0, offset)
+                tail = await self._read_own(end, a1)
                 await self._write_aligned(a0, b"".join((head, data, tail)), fua)
         else:
             async with self._ranges.hold(offset, end):

@@ -1,0 +1,108 @@
+"""The cache's block protocol alone, against a fake fetcher (no server, no trio loop): the
+races the real-server tests found, each replayed step by step."""
+
+from __future__ import annotations
+
+from nbdfs.cache import SAMPLE_MAX, BlockCache, BlockStore, Fetch, Piece
+from nbdfs.errors import CommandError
+
+CB = 4096
+
+
+def cache(capacity: int = 16 * CB, store: BlockStore | None = None) -> BlockCache:
+    return BlockCache(store if store is not None else BlockStore(capacity), CB)
+
+
+def fetch(c: BlockCache, b: int, data: bytes, lo: int = 0) -> Fetch:
+    """A fetch of block ``b`` that the fake server answers with ``data`` at once."""
+    f = c.start_fetch(b, lo, lo + len(data))
+    c.end_fetch(b, f, data if lo == 0 and len(data) == CB else Piece(lo, data))
+    return f
+
+
+def test_a_fetch_is_cached_and_joined_while_in_flight() -> None:
+    c = cache()
+    f = c.start_fetch(0, 0, CB)
+    assert c.fetching(0) is f  # a second reader joins it
+    c.end_fetch(0, f, b"a" * CB)
+    assert f.done.is_set() and c.get(0) == b"a" * CB and c.fetching(0) is None
+
+
+def test_a_reader_never_joins_a_fetch_that_began_before_a_write() -> None:
+    """The stale-read race: the server may have read the bytes before the write landed."""
+    c = cache()
+    old = c.start_fetch(0, 0, CB)
+    started = c.start_write(range(0, 1))
+    c.end_write(started, {0: None}, ok=True)  # the write is acknowledged
+    assert c.fetching(0) is None  # a reader from now on must fetch again
+    new = c.start_fetch(0, 0, CB)
+    c.end_fetch(0, old, b"old!" * (CB // 4))  # the old fetch returns stale bytes
+    assert c.get(0) is None  # and they are not cached
+    c.end_fetch(0, new, b"new!" * (CB // 4))
+    assert c.get(0) == b"new!" * (CB // 4)
+
+
+def test_a_write_landing_while_a_fetch_runs_keeps_it_out_of_the_cache() -> None:
+    c = cache()
+    f = c.start_fetch(0, 0, CB)
+    started = c.start_write(range(0, 1))
+    c.end_fetch(0, f, b"x" * CB)  # the fetch ends while the write is in flight
+    assert c.get(0) is None
+    c.end_write(started, {0: b"w" * CB}, ok=True)
+    assert c.get(0) == b"w" * CB
+
+
+def test_a_failed_fetch_publishes_its_error_and_is_never_cached() -> None:
+    c = cache()
+    f = c.start_fetch(0, 0, CB)
+    error = CommandError(1)  # NBD_EPERM
+    c.end_fetch(0, f, error)
+    assert f.done.is_set() and f.data is None and f.error is error
+    assert c.get(0) is None and c.fetching(0) is None
+
+
+def test_pieces_answer_only_what_they_hold() -> None:
+    c = cache()
+    fetch(c, 0, b"p" * 512, lo=1024)
+    assert c.get(0, 1024, 1536) == Piece(1024, b"p" * 512)
+    assert c.get(0, 1024, 2048) is None  # more than the piece holds: a miss
+    entry, piece = c.find(0)  # the whole block: a miss, and the piece that is there
+    assert entry is None and piece == Piece(1024, b"p" * 512)
+    assert not c.holds(0)
+    assert c.patch(0, 0, b"z") is None  # a piece written to is dropped, not patched
+
+
+def test_concurrent_writes_to_one_block_drop_it() -> None:
+    """Two writes in flight to a block: the server may apply them in either order."""
+    c = cache()
+    fetch(c, 0, b"0" * CB)
+    first = c.start_write(range(0, 1))
+    second = c.start_write(range(0, 1))
+    c.end_write(first, {0: b"1" * CB}, ok=True)
+    assert c.get(0) is None
+    c.end_write(second, {0: b"2" * CB}, ok=True)
+    assert c.get(0) is None  # (conservative: the next read fetches what the server holds)
+
+
+def test_the_store_bounds_every_export_together_lru_first() -> None:
+    store = BlockStore(4 * CB)
+    a, b = cache(store=store), cache(store=store)
+    for i in range(3):
+        fetch(a, i, bytes([i]) * CB)
+    assert a.get(0) is not None  # block 0 of a is now the most recently used
+    fetch(b, 0, b"b" * CB)
+    fetch(b, 1, b"b" * CB)  # the fifth block: evicts a's least recently used (block 1)
+    assert store.currsize == 4 * CB and a.used == 3 * CB - CB and b.used == 2 * CB
+    assert a.get(1) is None and a.get(0) is not None and a.get(2) is not None
+    a.clear()
+    assert a.used == 0 and b.used == 2 * CB and store.currsize == 2 * CB
+
+
+def test_the_sample_holds_blocks_fetched_and_not_written_since() -> None:
+    c = cache(capacity=(SAMPLE_MAX + 8) * CB)
+    for i in range(SAMPLE_MAX + 4):
+        fetch(c, i, bytes([i]) * CB)
+    sample = {b for b, *_ in c.sample()}
+    assert len(sample) == SAMPLE_MAX and 0 in sample
+    c.end_write(c.start_write(range(0, 1)), {0: None}, ok=True)
+    assert 0 not in {b for b, *_ in c.sample()}
