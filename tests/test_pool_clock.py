@@ -5,6 +5,7 @@ a minute of the pool's waiting takes well under a second."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -85,7 +86,7 @@ def test_a_server_gone_is_retried_with_backoff_until_the_deadline() -> None:
         async def body(nursery: trio.Nursery) -> None:
             pool = ExportPool(parse_target(address), "", TlsConfig(), nursery, timeout=TIMEOUT)
             await pool.run(_read)
-            srv.kill()
+            srv.kill(signal.SIGKILL)
             start = trio.current_time()
             with pytest.raises(RequestTimeout):
                 await pool.run(_read)
