@@ -7,6 +7,7 @@ traceback means a bug in nbdfs.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.handlers
@@ -157,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         " safe only while nothing else writes to the exports (see nbdfs(1))",
     )
     p_mount.add_argument(
+        "--partitions",
+        action="store_true",
+        help="also show each partition of an export (MBR, logical, GPT) as a file NAME.p1,"
+        " NAME.p2, ... (numbered as Linux numbers them), a window on the export; the tables"
+        " are read at mount and on refresh",
+    )
+    p_mount.add_argument(
         "-C",
         "--connections",
         default=None,
@@ -192,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: the ones above as name=value (ro, kernel_cache, connections=N,"
+        help="mount options: the ones above as name=value (ro, kernel_cache, partitions, connections=N,"
         " cache_size=SIZE, timeout=S, poll_max=US, tls=MODE, tls_certificates=DIR), or FUSE"
         " options such as allow_other",
     )
@@ -291,7 +299,13 @@ def mount_status(mountpoint: str) -> dict[str, Any]:
     for top, dirs, files in os.walk(mountpoint):
         dirs.sort()
         for name in sorted(files):
-            exports.append(_status_of(os.path.join(top, name)))
+            path = os.path.join(top, name)
+            try:
+                os.getxattr(path, STATUS_XATTR, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno == errno.ENODATA:
+                    continue  # a partition file: its export's counters are the export's
+            exports.append(_status_of(path))
     status["exports"] = exports
     return status
 
@@ -507,6 +521,7 @@ _OPTION_KEYS = {
     "readonly": "readonly",
     "kernel_cache": "kernel_cache",
     "kernel-cache": "kernel_cache",
+    "partitions": "partitions",
     "connections": "connections",
     "cache_size": "cache_size",
     "cache-size": "cache_size",
@@ -548,7 +563,7 @@ def split_mount_options(args: argparse.Namespace) -> set[str]:
                 if key not in _IGNORED and not key.startswith("x-"):
                     fuse.add(opt)
                 continue
-            if attr in ("readonly", "kernel_cache"):  # flags
+            if attr in ("readonly", "kernel_cache", "partitions"):  # flags
                 setattr(args, attr, True)
             elif getattr(args, attr) is None:
                 if not value:
@@ -607,6 +622,7 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
         tls=tls_config(args, target),
         readonly=args.readonly,
         kernel_cache=args.kernel_cache,
+        partitions=args.partitions,
         connections=connections,
         cache_size=cache,
         refresh=refresh,

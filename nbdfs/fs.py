@@ -28,6 +28,7 @@ from .cache import BlockStore
 from .connection import DEFAULT_TIMEOUT
 from .errors import CommandError, NbdError
 from .names import export_paths
+from .partitions import Partition, Read, read_table
 from .poll import MAX_BUDGET, AdaptivePoll
 from .pool import ExportPool
 from .session import Export
@@ -60,6 +61,7 @@ class MountConfig:
     timeout: float = DEFAULT_TIMEOUT
     poll: float = MAX_BUDGET  # longest adaptive poll before the event loop sleeps; 0: never
     refresh: float = DEFAULT_REFRESH  # seconds between re-reads of the export list; 0: never
+    partitions: bool = False  # also a file per partition of each export (NAME.p1, ...)
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -73,6 +75,16 @@ class Node:
     children: dict[bytes, Node] = field(default_factory=dict)
     io: ExportIO | None = None  # once the export was first used and connected
     opening: trio.Lock = field(default_factory=trio.Lock)
+    window: Partition | None = None  # a partition file: this part of ``disk``'s export
+    disk: Node | None = None
+    partitions: list[Node] = field(default_factory=list)  # of an export, with --partitions
+    parent_of: Node | None = None  # the directory an export's file is in, while shown
+
+    @property
+    def size(self) -> int:
+        if self.window is not None:
+            return self.window.size
+        return self.export.size or 0 if self.export is not None else 0
 
 
 @dataclass(slots=True)
@@ -80,6 +92,20 @@ class Handle:
     node: Node
     sync: bool  # O_SYNC / O_DSYNC: writes use FUA (or a flush)
     writable: bool
+
+
+async def read_partitions(io: ExportIO, size: int) -> list[Partition]:
+    """Run the partition table parser against the export."""
+    steps = read_table(size)
+    try:
+        request: Read = next(steps)
+        while True:
+            end = min(request.offset + request.length, size)
+            data = bytes(await io.read(request.offset, end - request.offset))
+            request = steps.send(data)
+    except StopIteration as stop:
+        parts: list[Partition] = stop.value
+        return parts
 
 
 def _errno_for(exc: BaseException) -> int:
@@ -185,7 +211,8 @@ class NbdFs(pyfuse3.Operations):
                     parent.children[key] = child
                 parent = child
             key = os.fsencode(leaf)
-            parent.children[key] = self._add(key, parent.inode, export)
+            parent.children[key] = node = self._add(key, parent.inode, export)
+            node.parent_of = parent
             self._paths[export.name] = paths[export.name]
         return gone
 
@@ -203,7 +230,8 @@ class NbdFs(pyfuse3.Operations):
             if child is None:
                 return []
             chain.append(child)
-        gone = []
+        gone = self._set_partitions(chain[-1], []) if chain[-1].parent_of is not None else []
+        chain[-1].parent_of = None
         for parent, node in reversed(list(itertools.pairwise(chain))):
             if node.children:  # a directory still holding other exports stays
                 break
@@ -230,8 +258,52 @@ class NbdFs(pyfuse3.Operations):
 
     @property
     def exports(self) -> list[Node]:
-        """Every export node, including ones removed by a refresh but still known."""
-        return [n for n in self._nodes.values() if n.export is not None]
+        """Every export node, including ones removed by a refresh but still known (not the
+        partition files)."""
+        return [n for n in self._nodes.values() if n.export is not None and n.window is None]
+
+    async def load_partitions(self) -> list[tuple[int, bytes, int]]:
+        """Read each export's partition table and show a file per partition next to it
+        (``NAME.p1``, ...); return the entries that went away. A table that cannot be read
+        or trusted gives one log line and no partition files for that export."""
+        gone: list[tuple[int, bytes, int]] = []
+        for node in self.exports:
+            if node.export is None or not node.export.size or node.parent_of is None:
+                continue
+            parts: list[Partition] = []
+            try:
+                io = await self._io(node)
+                with trio.fail_after(self.config.timeout):
+                    parts = await read_partitions(io, node.export.size)
+            except (NbdError, trio.TooSlowError) as exc:
+                log.warning("export %r: no partition files: %s", node.export.name, exc)
+            gone += self._set_partitions(node, parts)
+        return gone
+
+    def _set_partitions(self, node: Node, parts: list[Partition]) -> list[tuple[int, bytes, int]]:
+        parent = node.parent_of
+        assert parent is not None
+        gone = []
+        kept = []
+        for old in node.partitions:
+            if old.window in parts:  # unchanged: the same file (open ones keep working)
+                kept.append(old)
+            elif parent.children.get(old.name) is old:
+                del parent.children[old.name]
+                gone.append((parent.inode, old.name, old.inode))
+        node.partitions = kept
+        for part in parts:
+            name = node.name + f".p{part.number}".encode()
+            if any(k.window == part for k in kept):
+                continue
+            if name in parent.children:
+                log.warning("partition file %r not shown: the name is taken", name)
+                continue
+            child = self._add(name, parent.inode, node.export)
+            child.window, child.disk = part, node
+            parent.children[name] = child
+            node.partitions.append(child)
+        return gone
 
     def _node(self, inode: int) -> Node:
         node = self._nodes.get(inode)
@@ -258,7 +330,7 @@ class NbdFs(pyfuse3.Operations):
             mode = 0o444 if self._read_only(node) else 0o644
             attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | mode)
             attr.st_nlink = 1
-            attr.st_size = node.export.size or 0
+            attr.st_size = node.size
             block = node.export.block_size
             attr.st_blksize = max(block.preferred if block else 4096, 4096)
             attr.st_blocks = (attr.st_size + 511) // 512
@@ -319,7 +391,7 @@ class NbdFs(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if fields.update_size and (node.export is None or attr.st_size != node.export.size):
+        if fields.update_size and (node.export is None or attr.st_size != node.size):
             log.info("refusing to resize %r: an export's size is set by the server", node.name)
             raise pyfuse3.FUSEError(errno.EINVAL if node.export is not None else errno.EISDIR)
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -393,9 +465,15 @@ class NbdFs(pyfuse3.Operations):
     @_polled
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        handle = self._handle(fh)
+        node = self._handle(fh).node
+        window = node.window
+        if window is not None:  # a partition file: clipped to it, moved to its start
+            if off >= window.size:
+                return b""
+            off, size = window.start + off, min(size, window.size - off)
+            node = node.disk  # type: ignore[assignment]
         # pyfuse3 replies from any buffer (PyObject_GetBuffer); a memoryview saves a copy.
-        io = handle.node.io or await self._io(handle.node)
+        io = node.io or await self._io(node)
         return await io.read(off, size)  # type: ignore[return-value]
 
     @_polled
@@ -403,20 +481,23 @@ class NbdFs(pyfuse3.Operations):
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
         node = handle.node
-        assert node.export is not None
-        size = node.export.size or 0
+        size = node.size
         if off >= size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         data = memoryview(buf)[: size - off]  # a write across the end is cut short, like a disk
+        if node.window is not None:  # a partition file: moved to its start
+            off += node.window.start
+            node = node.disk  # type: ignore[assignment]
         io = node.io or await self._io(node)
         return await io.write(off, data, fua=handle.sync)
 
     @_polled
     @_fuse_errors
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        handle = self._handle(fh)
-        if handle.node.io is not None:  # (nothing was written through an export not opened)
-            await handle.node.io.flush()
+        node = self._handle(fh).node
+        io = (node.disk or node).io
+        if io is not None:  # (nothing was written through an export not opened)
+            await io.flush()
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None  # close() is not fsync(), as on any disk; the kernel calls fsync for that
@@ -444,6 +525,18 @@ class NbdFs(pyfuse3.Operations):
         if export.block_size:
             b = export.block_size
             out[b"block_size"] = f"{b.minimum} {b.preferred} {b.maximum}".encode()
+        part = node.window
+        if part is not None:
+            out |= {
+                b"partition": str(part.number).encode(),
+                b"partition.scheme": part.scheme.encode(),
+                b"partition.start": str(part.start).encode(),
+                b"partition.size": str(part.size).encode(),
+                b"partition.type": part.type.encode(),
+            }
+            if part.scheme == "gpt":
+                out[b"partition.name"] = part.name.encode()
+                out[b"partition.uuid"] = part.uuid.encode()
         return {XATTR_PREFIX + k: v for k, v in out.items()}
 
     def export_status(self, node: Node) -> dict[str, object]:
@@ -484,7 +577,7 @@ class NbdFs(pyfuse3.Operations):
             node = self._node(inode)
             if inode == pyfuse3.ROOT_INODE:
                 return json.dumps(self.status()).encode()
-            if node.export is not None:
+            if node.export is not None and node.window is None:
                 return json.dumps(self.export_status(node)).encode()
         # (The kernel asks for security.capability before every write: a name that is not
         # ours is answered without building the export's attributes.)

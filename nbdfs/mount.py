@@ -167,6 +167,8 @@ async def refresh_exports(fs: NbdFs, config: MountConfig) -> None:
             continue
         before = {n.export.name for n in fs.exports if n.export is not None}
         gone = fs.sync(exports)
+        if config.partitions:
+            gone += await fs.load_partitions()
         added = {e.name for e in exports} - before
         for parent, name, inode in gone:
             # Queued to pyfuse3's notify thread: invalidating from this thread could wait
@@ -203,6 +205,8 @@ async def run_mount(
     failure = None
     async with trio.open_nursery() as nursery:
         fs = NbdFs(config, exports, nursery)
+        if config.partitions:
+            await fs.load_partitions()
         fs.poller = poll.install(config.poll)
         fs.after_init = lambda: raise_read_ahead(mountpoint)
         try:

@@ -42,6 +42,7 @@ MIN_BUDGET = 4e-6
 BUSY = 4  # requests in progress from which polling is left off until all are done
 QUIET = 64  # requests in a row without NBD I/O after which polling is left off
 
+
 def _epoll_descriptor() -> int | None:
     """trio's epoll descriptor: the process's only one (trio uses epoll on Linux)."""
     found = []
