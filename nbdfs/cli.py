@@ -35,6 +35,7 @@ from .fs import (
 )
 from .mount import (
     fuse_options,
+    mount_problem,
     raise_open_files_limit,
     run_mount,
     set_io_flusher,
@@ -639,11 +640,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mountpoint(args.mountpoint, mountpoint)
     if args.log_file:
         open_log_file(args.log_file).close()  # (a bad path is reported here, not in the daemon)
-    if not os.path.exists("/dev/fuse"):
-        raise MountError(
-            "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
-        )
     options = fuse_options(config, fuse_extra, args.target)
+    problem = mount_problem(mountpoint, options)
+    if problem is not None:
+        raise MountError(problem)
     if "auto_unmount" not in options and not args.foreground:
         options.add("auto_unmount")  # a killed daemon must not leave a dead mountpoint
     if args.foreground:

@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 from collections.abc import Callable
 
 import pyfuse3
@@ -132,8 +133,23 @@ def raise_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
         log.info("cannot raise the kernel read-ahead of %s: %s", mountpoint, exc)
 
 
-def mount_failure(mountpoint: str, options: set[str], exc: Exception) -> str:
-    """Why FUSE would not mount, as far as we can tell, and what to do about it."""
+def mount_problem(mountpoint: str, options: set[str]) -> str | None:
+    """What will stop FUSE from mounting, checked before anything starts (fusermount3
+    would say it on stderr in its own words, after the daemon was forked)."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        return (
+            f"you may not use /dev/fuse (mode {mode:04o}); distributions make it 0666: ask an"
+            " administrator to run 'chmod 0666 /dev/fuse' (a udev rule keeps it so), or mount"
+            " as root"
+        )
+    if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
+        return (
+            f"cannot mount on {mountpoint}: you may not write to it (mount on a directory"
+            " you own, e.g. mkdir ~/mnt)"
+        )
     if "allow_other" in options and os.geteuid() != 0:
         try:
             with open("/etc/fuse.conf") as f:
@@ -145,13 +161,19 @@ def mount_failure(mountpoint: str, options: set[str], exc: Exception) -> str:
                 "-o allow_other needs 'user_allow_other' in /etc/fuse.conf when not root;"
                 " add it there (as root) or drop allow_other"
             )
+    return None
+
+
+def mount_failure(mountpoint: str, options: set[str], exc: Exception) -> str:
+    """Why FUSE would not mount, as far as we can tell, and what to do about it."""
+    problem = mount_problem(mountpoint, options)
+    if problem is not None:
+        return problem
     with open("/proc/self/mounts") as f:
         if any(line.split()[1] == mountpoint for line in f):
             return (
                 f"{mountpoint} is already a mount point; unmount it first or pick another directory"
             )
-    if not os.access(mountpoint, os.W_OK):
-        return f"cannot mount on {mountpoint}: you may not write to it (mount where you own the directory)"
     return f"cannot mount on {mountpoint}: {exc} (see the log for FUSE's reason)"
 
 
