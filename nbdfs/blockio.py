@@ -24,9 +24,12 @@ from .errors import NbdError, ReadFailed
 from .journal import Change, Kind
 from .pool import ExportPool
 from .session import Geometry
-from .wire import TransmissionFlag
+from .wire import META_CONTEXT_ALLOCATION, StateFlag, TransmissionFlag
 
 log = logging.getLogger(__name__)
+
+CHANGE_MAX = 1 << 30  # bytes per NBD_CMD_TRIM / WRITE_ZEROES (lengths are 32-bit)
+STATUS_MAX = 1 << 30  # bytes asked about per NBD_CMD_BLOCK_STATUS
 
 READAHEAD_MAX = 8 * 1024 * 1024  # how far ahead a sequential reader is served
 
@@ -132,6 +135,9 @@ class ExportIO:
         self.cache = BlockCache(store, geometry.cache_block)
         self._use_fua = bool(pool.flags & TransmissionFlag.SEND_FUA)
         self._use_zeroes = bool(pool.flags & TransmissionFlag.SEND_WRITE_ZEROES)
+        self.can_trim = bool(pool.flags & TransmissionFlag.SEND_TRIM)
+        session = pool.session
+        self._allocation = session is not None and META_CONTEXT_ALLOCATION in session.meta_contexts
         self.bytes_read = self.bytes_written = 0
         pool.verify = self._same_disk
 
@@ -480,6 +486,87 @@ class ExportIO:
                 lambda c: c.write(start, piece, fua), journal=Change.write(start, piece, fua)
             )
         self.bytes_written += len(piece)
+
+    # -- trim, zeroes, holes ------------------------------------------------------------
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """NBD_CMD_TRIM of ``length`` bytes at ``offset`` (inside the export; the caller
+        checked that it can trim): what an aligned range needs, the edges written as zeros."""
+        await self._change(offset, length, fua, Kind.TRIM)
+
+    async def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        """Zeros over ``length`` bytes at ``offset``: NBD_CMD_WRITE_ZEROES where the export
+        has it (a sparse one may punch a hole: NBD_CMD_FLAG_NO_HOLE is not set), else zero
+        bytes written."""
+        await self._change(offset, length, fua, Kind.ZERO)
+
+    async def _change(self, offset: int, length: int, fua: bool, kind: Kind) -> None:
+        end = offset + length
+        m = self.minimum
+        a0, a1 = offset + (-offset % m), end - end % m  # the aligned part inside
+        if a0 >= a1:
+            await self.write(offset, bytes(length), fua)
+            return
+        if offset < a0:
+            await self.write(offset, bytes(a0 - offset), fua)
+        if a1 < end:
+            await self.write(a1, bytes(end - a1), fua)
+        cb = self.cache.block_size
+        blocks = range(a0 // cb, (a1 - 1) // cb + 1)
+        use_fua = fua and self._use_fua
+        async with self._ranges.hold(a0, a1):
+            started = self.cache.start_write(blocks)
+            ok = False
+            try:
+                if kind is Kind.ZERO and not self._use_zeroes:
+                    zeros = memoryview(bytes(min(self.maximum, a1 - a0)))
+                    for s in range(a0, a1, len(zeros)):
+                        await self._write_piece(s, zeros[: min(len(zeros), a1 - s)], use_fua)
+                else:
+                    step = CHANGE_MAX - CHANGE_MAX % m  # (the request's length is 32 bits)
+                    for s in range(a0, a1, step):
+                        await self._send_change(s, min(step, a1 - s), kind, use_fua)
+                if fua and not use_fua:
+                    await self.pool.flush()
+                ok = True
+            finally:
+                # Every block the change touched is dropped (the next read asks the server).
+                self.cache.end_write(started, dict.fromkeys(blocks), ok)
+
+    async def _send_change(self, start: int, length: int, kind: Kind, fua: bool) -> None:
+        async def op(c: Connection) -> None:
+            if kind is Kind.TRIM:
+                await c.trim(start, length, fua)
+            else:
+                await c.write_zeroes(start, length, fua)
+
+        await self.pool.run(op, journal=Change(start, length, kind, durable=fua))
+
+    async def next_extent(self, offset: int, data: bool) -> int | None:
+        """The first offset at or after ``offset`` (inside the export) that holds data
+        (``data``) or is a hole; None if no data follows. From NBD_CMD_BLOCK_STATUS
+        (base:allocation); without it the export is all data, with a hole at its end."""
+        if not self._allocation:
+            return offset if data else self.size
+        m = self.minimum
+        pos = offset - offset % m
+        while pos < self.size:
+            length = min(self.size - pos, STATUS_MAX - STATUS_MAX % m)
+
+            async def op(c: Connection, pos: int = pos, length: int = length) -> object:
+                return await c.block_status(pos, length)
+
+            reply = await self.pool.run(op)
+            assert isinstance(reply, dict)
+            extents = reply.get(META_CONTEXT_ALLOCATION, [])
+            if not extents:
+                return offset if data else self.size  # (the server said nothing: data)
+            for n, flags in extents:
+                hole = bool(flags & StateFlag.HOLE)
+                if hole != data and pos + n > offset:
+                    return max(pos, offset)
+                pos += n
+        return None if data else self.size
 
     async def flush(self) -> None:
         await self.pool.flush()

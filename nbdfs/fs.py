@@ -159,9 +159,28 @@ def _fuse_errors(
     return wrapper
 
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_NO_HIDE_STALE = 0x01, 0x02, 0x04
+FALLOC_FL_ZERO_RANGE = 0x10
+SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
+
+
+def missing_fuse_features() -> list[str]:
+    """What this pyfuse3 cannot do that nbdfs's patched build can (contrib/pyfuse3)."""
+    wanted = {
+        "fallocate": "fallocate (discard and zeroing: fstrim, fallocate -p/-z)",
+        "lseek": "lseek SEEK_DATA/SEEK_HOLE (holes for cp --sparse, qemu-img)",
+        "max_background": "max_background (more than 12 requests in flight)",
+    }
+    return [text for name, text in wanted.items() if not hasattr(pyfuse3.Operations, name)]
+
+
 class NbdFs(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # (contrib/pyfuse3's INIT settings; stock pyfuse3 ignores them.) The kernel's default
+    # of 12 background requests capped queue depth 16 at 12; 64 is pyfuse3's task limit.
+    max_background = 64
+    congestion_threshold = 48
 
     def __init__(
         self, config: MountConfig, exports: Sequence[Export], nursery: trio.Nursery
@@ -498,6 +517,54 @@ class NbdFs(pyfuse3.Operations):
         io = (node.disk or node).io
         if io is not None:  # (nothing was written through an export not opened)
             await io.flush()
+
+    @_polled
+    @_fuse_errors
+    async def fallocate(self, fh: pyfuse3.FileHandleT, mode: int, offset: int, length: int) -> None:
+        """fallocate(2), as a disk answers it (contrib/pyfuse3 patch 1): punch a hole →
+        NBD_CMD_TRIM, zero a range → NBD_CMD_WRITE_ZEROES (or zeros written), allocate →
+        nothing to do (the server allocates); past the end → EINVAL, as a block device."""
+        handle = self._handle(fh)
+        node = handle.node
+        known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_NO_HIDE_STALE
+        if mode & ~(known | FALLOC_FL_ZERO_RANGE):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # collapse, insert, unshare
+        if offset < 0 or length <= 0 or offset + length > node.size:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            return  # allocation inside a disk of fixed size: there already
+        if node.window is not None:
+            offset += node.window.start
+            node = node.disk  # type: ignore[assignment]
+        io = node.io or await self._io(node)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not io.can_trim:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # as a disk without discard
+            await io.trim(offset, length, fua=handle.sync)
+        else:
+            await io.zero(offset, length, fua=handle.sync)
+
+    @_polled
+    @_fuse_errors
+    async def lseek(self, fh: pyfuse3.FileHandleT, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE from the export's block status (contrib/pyfuse3 patch 2)."""
+        node = self._handle(fh).node
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)  # (the kernel answers the others itself)
+        size = node.size
+        if offset < 0 or offset >= size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        base = 0
+        if node.window is not None:
+            base = node.window.start
+            node = node.disk  # type: ignore[assignment]
+        io = node.io or await self._io(node)
+        found = await io.next_extent(base + offset, whence == SEEK_DATA)
+        if found is None or found - base >= size:
+            if whence == SEEK_DATA:
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            return size  # the end of a partition file is a hole, as any file's end
+        return found - base
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         return None  # close() is not fsync(), as on any disk; the kernel calls fsync for that

@@ -127,6 +127,13 @@ class Journal:
         i = bisect.bisect_left(self._starts, end) - 1
         return i >= 0 and self._entries[i].end > start
 
+    def discard(self, entry: Entry) -> None:
+        """Drop ``entry`` (a replay made it durable), if it is still held as it was."""
+        i = bisect.bisect_left(self._starts, entry.offset)
+        if i < len(self._entries) and self._entries[i] is entry:
+            del self._entries[i], self._starts[i]
+            self.bytes -= len(entry.data) if entry.data is not None else 0
+
     def forget(self, mark: int) -> None:
         """A flush that started at ``mark`` succeeded: the changes before it are durable."""
         if not self._entries:

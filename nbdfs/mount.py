@@ -21,7 +21,7 @@ import trio
 from . import poll
 from .connection import list_exports, probe_export
 from .errors import NbdError, TlsError
-from .fs import MountConfig, NbdFs
+from .fs import MountConfig, NbdFs, missing_fuse_features
 from .session import Export
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,13 @@ async def run_mount(
         ready("the server offers no exports to mount")
         return None
     failure = None
+    missing = missing_fuse_features()
+    if missing:
+        log.info(
+            "pyfuse3 without nbdfs's patches (contrib/pyfuse3; scripts/install builds them):"
+            " unavailable: %s",
+            "; ".join(missing),
+        )
     async with trio.open_nursery() as nursery:
         fs = NbdFs(config, exports, nursery)
         if config.partitions:

@@ -55,7 +55,7 @@ from .errors import (
 )
 from .journal import Change, Journal, Kind
 from .poll import AdaptivePoll
-from .session import Export, Geometry
+from .session import Export, Geometry, Session
 from .target import Target
 from .tls import TlsConfig
 from .wire import TransmissionFlag
@@ -130,6 +130,7 @@ class ExportPool:
         self.journal_limit = journal_limit
         self._poller = poller  # told of every request that goes to the server
         self.export: Export | None = None
+        self.session: Session | None = None  # the first connection's (contexts and all)
         self.stats = Stats()
         self._outer = nursery  # where the pool's own nursery runs (the mount's)
         self._home: trio.Nursery | None = None  # the pool's own: readers, watchdog, reaper
@@ -296,6 +297,7 @@ class ExportPool:
             self._changed = trio.Event()
         if self.export is None:
             self.export = conn.export
+            self.session = conn.session
         else:
             why = None
             if _identity(conn.export) != _identity(self.export):
@@ -482,11 +484,10 @@ class ExportPool:
                 seen[conn] = first
 
     async def _replay(self) -> None:
-        """Write the journal again on a fresh connection, then flush it.
-
-        Its entries are disjoint, each the newest change to its bytes, so their order does
-        not matter; a replay cut short (the server went away again) is simply done again.
-        """
+        """Write the journal again on a fresh connection, each entry flushed before it is
+        forgotten, so a replay cut short (the server went away again) resumes where it
+        stopped. Its entries are disjoint, each the newest change to its bytes, so their
+        order does not matter."""
         async with self._replay_lock:
             if not self._need_replay:
                 return
@@ -501,7 +502,9 @@ class ExportPool:
                 len(self._journal),
                 self._journal.covered,
             )
-            mark = self._journal.mark
+            flush = self.export is not None and bool(
+                self.export.flags & TransmissionFlag.SEND_FLUSH
+            )
             for entry in self._journal:
                 if entry.kind is Kind.WRITE:
                     assert entry.data is not None
@@ -510,9 +513,10 @@ class ExportPool:
                     await conn.write_zeroes(entry.offset, entry.length)
                 else:
                     await conn.trim(entry.offset, entry.length)
-            if self.export is not None and self.export.flags & TransmissionFlag.SEND_FLUSH:
-                await conn.flush()
-            self._journal.forget(mark)
+                if flush:
+                    await conn.flush()
+                self._journal.discard(entry)
+            self._journal.clear()  # (without NBD_CMD_FLUSH, written is all there is)
             self._dirty.clear()
             self._need_replay = False
             self.stats.replays += 1

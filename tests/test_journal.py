@@ -137,3 +137,16 @@ def test_overlaps() -> None:
         False,
     ]
     assert journal.overlaps(34, 40) and not journal.overlaps(35, 40)
+
+
+def test_a_replay_forgets_each_entry_it_made_durable() -> None:
+    journal = Journal()
+    for i in range(4):
+        journal.record(Change.write(i * 10, b"x" * 5))
+    first, second, *_ = list(journal)
+    journal.discard(first)
+    journal.discard(first)  # (twice: no harm)
+    assert [e.offset for e in journal] == [10, 20, 30] and journal.bytes == 15
+    journal.record(Change.write(10, b"y" * 5))  # a newer change replaced `second`
+    journal.discard(second)  # so it is not dropped
+    assert [e.offset for e in journal] == [10, 20, 30]

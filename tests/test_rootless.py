@@ -1,5 +1,6 @@
 """nbdfs as an ordinary user, for real: a user of its own, a venv that user can read
-(made from Debian's /usr/bin/python3, since the pyenv Python lives in root's home), and
+(made from Debian's /usr/bin/python3, since the pyenv Python lives in root's home; it gets
+stock pyfuse3 from PyPI, so this is also the path without the pyfuse3 patches), and
 /dev/fuse 0666 as distributions ship it. Everything the user does runs as that user;
 root only serves the exports and checks the bytes on the server's side."""
 
@@ -114,8 +115,12 @@ def test_a_user_mounts_writes_fsyncs_reads_and_unmounts(user: User, tmp_path: Pa
     mnt = user.home / "mnt"
     user.run("mkdir", "-p", str(mnt))
     with nbdkit("file", f"dir={exports}") as srv:
-        user.run(user.nbdfs, "mount", srv.address, str(mnt))
+        log = user.work / "mount.log"
+        user.run(user.nbdfs, "mount", "--log-file", str(log), srv.address, str(mnt))
         try:
+            # The user's venv has stock pyfuse3 from PyPI (no contrib/pyfuse3 patches):
+            # everything else works, and the daemon says once what is unavailable.
+            assert log.read_text().count("unavailable: fallocate") == 1
             assert user.run("stat", "-c", "%U %s", str(mnt / "disk")).stdout.split() == [
                 user.name,
                 str(8 * MiB),
