@@ -125,6 +125,9 @@ def main() -> None:
     )
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio figure")
     ap.add_argument("--only", metavar="TEXT", help="just the rows whose name contains TEXT")
+    ap.add_argument(
+        "--delay", type=float, metavar="MS", help="serve through nbdkit's delay filter (a link)"
+    )
     args = ap.parse_args()
     size = parse_size(args.size)
     names = {"A": args.base, "B": args.new or "work tree"}
@@ -140,7 +143,7 @@ def main() -> None:
         shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
         rnd = shm / "write.img"
         sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
-        with server(size, work) as uri:
+        with server(size, work, delay_ms=args.delay) as uri:
             for r in range(args.rounds):
                 for name, unit, job in jobs(size, args.runtime, rnd):
                     if args.only and args.only not in name:

@@ -63,13 +63,18 @@ def parse_size(text: str) -> int:
 
 
 @contextlib.contextmanager
-def server(size: int, work: Path, rate: str | None = None) -> Iterator[str]:
+def server(
+    size: int, work: Path, rate: str | None = None, delay_ms: float | None = None
+) -> Iterator[str]:
     port = free_port()
     pidfile = work / "nbdkit.pid"
     # A link of `rate` bits/s: nbdkit's rate filter, with a short burst allowance so an
     # idle gap between figures does not buy the next one seconds at full speed.
     link = ["--filter=rate"] if rate else []
     link_args = [f"rate={rate}", "burstiness=0.2"] if rate else []
+    if delay_ms:  # a distant server: every read and write answered this much later
+        link.append("--filter=delay")
+        link_args += [f"delay-read={delay_ms}ms", f"delay-write={delay_ms}ms"]
     proc = subprocess.Popen(
         [
             "nbdkit",
