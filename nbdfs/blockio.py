@@ -299,16 +299,16 @@ class ExportIO:
             b0 = b * cb
             size = self._length(b)
             lo, hi = (0, None) if span is None else (max(span[0] - b0, 0), min(span[1] - b0, size))
-            cached, piece = self.cache.find(b, lo, hi, count)
-            item = cached if cached is not None else self.cache.fetching(b)
-            if item is None:
-                f_lo, f_hi = 0, size
-                if hi is not None and piece is None:
-                    f_lo, f_hi = lo - lo % self._sector, min(hi + (-hi % self._sector), size)
-                fetch = self.cache.start_fetch(b, f_lo, f_hi, keep=piece is not None)
+            item, started = self.cache.lookup(b, size, lo, hi, self._sector, count)
+            if started:
+                assert isinstance(item, Fetch)
+                fetch = item
                 out.append((b, fetch))
                 if run and (
-                    run[-1][0] != b - 1 or run[-1][1].hi != cb or f_lo or len(run) >= per_request
+                    run[-1][0] != b - 1
+                    or run[-1][1].hi != cb
+                    or fetch.lo
+                    or len(run) >= per_request
                 ):
                     runs.append(run)
                     run = []

@@ -153,6 +153,31 @@ class BlockCache:
                 self.hits += 1
         return entry, piece
 
+    def lookup(
+        self, block: int, length: int, lo: int, hi: int | None, sector: int, count: bool = True
+    ) -> tuple[Entry | Fetch, bool]:
+        """The block protocol's one question: what a reader of bytes ``lo`` to ``hi`` of
+        ``block`` (``length`` bytes long; ``hi`` None: all of it) gets.
+
+        * a *hit*: the cached entry holding those bytes, and False;
+        * a *join*: the fetch in flight that a reader may still join (:meth:`fetching`),
+          and False;
+        * a *miss*: a fetch started here, and True (the caller sends it). A block touched
+          the first time by a read at random (``hi`` given) is fetched only in the
+          ``sector``-aligned part asked for; a block touched again (a piece of it cached)
+          or read whole, all of it.
+        """
+        cached, piece = self.find(block, lo, hi, count)
+        if cached is not None:
+            return cached, False
+        fetch = self.fetching(block)
+        if fetch is not None:
+            return fetch, False
+        f_lo, f_hi = 0, length
+        if hi is not None and piece is None:
+            f_lo, f_hi = lo - lo % sector, min(hi + (-hi % sector), length)
+        return self.start_fetch(block, f_lo, f_hi, keep=piece is not None), True
+
     def own(self, block: int, entry: Entry) -> Entry:
         """Replace a cached view of a larger buffer by a copy of its bytes; return it."""
         data = entry.data if isinstance(entry, Piece) else entry

@@ -106,3 +106,23 @@ def test_the_sample_holds_blocks_fetched_and_not_written_since() -> None:
     assert len(sample) == SAMPLE_MAX and 0 in sample
     c.end_write(c.start_write(range(0, 1)), {0: None}, ok=True)
     assert 0 not in {b for b, *_ in c.sample()}
+
+
+def test_lookup_answers_hit_join_or_miss_in_one_call() -> None:
+    c = cache()
+    # a read at random touching block 0 the first time: a miss, fetching its sector only
+    first, started = c.lookup(0, CB, 100, 200, 512)
+    assert started and isinstance(first, Fetch) and (first.lo, first.hi) == (0, 512)
+    # a second reader of the same bytes joins that fetch
+    joined, started = c.lookup(0, CB, 0, 300, 512)
+    assert joined is first and not started
+    c.end_fetch(0, first, Piece(0, b"p" * 512))
+    # the piece answers what it holds: a hit
+    hit, started = c.lookup(0, CB, 0, 512, 512)
+    assert hit == Piece(0, b"p" * 512) and not started
+    # beyond the piece: the block was touched before, so the whole of it is fetched
+    whole, started = c.lookup(0, CB, 1000, 1100, 512)
+    assert started and isinstance(whole, Fetch) and (whole.lo, whole.hi) == (0, CB) and whole.keep
+    c.end_fetch(0, whole, b"w" * CB)
+    assert c.lookup(0, CB, 0, None, 512) == (b"w" * CB, False)
+    assert c.hits == 2 and c.misses == 3
