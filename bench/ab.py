@@ -18,13 +18,11 @@ Needs root (to drop the page cache), nbdkit, fio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,11 +31,11 @@ from compare import (
     dd_rate,
     drop_caches,
     fio_iops,
+    nbdfs,
     parse_size,
     proc_stats,
     server,
     sh,
-    unmount,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,26 +56,6 @@ def unpack(rev: str | None, into: Path) -> Path:
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
-
-
-@contextlib.contextmanager
-def mounted(tree: Path, uri: str, mnt: Path) -> Iterator[tuple[Path, int]]:
-    env = {"PYTHONPATH": str(tree), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    subprocess.run(
-        [sys.executable, "-m", "nbdfs", "mount", uri + "/", str(mnt)],
-        check=True,
-        env=env,
-        cwd=tree,  # (not the checkout: its nbdfs/ would come first on sys.path)
-    )
-    pid = int(sh("pgrep", "-f", f"nbdfs mount .* {mnt}$").split()[0])
-    try:
-        yield mnt / "%default%", pid
-    finally:
-        unmount(mnt)
-        for _ in range(200):
-            if not Path(f"/proc/{pid}").exists():
-                break
-            time.sleep(0.05)
 
 
 Job = tuple[str, str, Callable[[Path], tuple[float, float]]]  # value, requests done
@@ -152,7 +130,7 @@ def main() -> None:
                     for build in order:
                         drop_caches()
                         mnt = work / ("ma" if build == "A" else "mb")
-                        with mounted(trees[build], uri, mnt) as (path, pid):
+                        with nbdfs(uri, mnt, [], trees[build]) as (path, pid):
                             cpu0, _ = proc_stats(pid)
                             value, requests = job(path)
                             cpu1, _ = proc_stats(pid)

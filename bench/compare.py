@@ -133,8 +133,15 @@ def nbdfuse(uri: str, mnt: Path) -> Iterator[tuple[Path, int]]:
 
 
 @contextlib.contextmanager
-def nbdfs(uri: str, mnt: Path, extra: list[str]) -> Iterator[tuple[Path, int]]:
-    subprocess.run([*NBDFS, "mount", *extra, uri + "/", str(mnt)], check=True, cwd=ROOT)
+def nbdfs(
+    uri: str, mnt: Path, extra: list[str], tree: Path | None = None
+) -> Iterator[tuple[Path, int]]:
+    """nbdfs mounted (this checkout's, or the nbdfs/ package under ``tree``)."""
+    env = None if tree is None else {"PYTHONPATH": str(tree), "PATH": os.environ["PATH"]}
+    # (cwd: not the checkout when another tree is asked for, whose nbdfs/ would come first)
+    subprocess.run(
+        [*NBDFS, "mount", *extra, uri + "/", str(mnt)], check=True, cwd=tree or ROOT, env=env
+    )
     pid = int(sh("pgrep", "-f", f"nbdfs mount .* {mnt}$").split()[0])
     try:
         yield mnt / "%default%", pid

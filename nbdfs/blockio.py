@@ -21,6 +21,7 @@ import trio
 from .cache import Block, BlockCache, BlockStore, Entry, Fetch, Piece
 from .connection import Connection
 from .errors import NbdError, ReadFailed
+from .extents import Extents
 from .journal import Change, Kind
 from .pool import ExportPool
 from .session import Geometry
@@ -139,6 +140,7 @@ class ExportIO:
         session = pool.session
         self._allocation = session is not None and META_CONTEXT_ALLOCATION in session.meta_contexts
         self.bytes_read = self.bytes_written = 0
+        self.extents = Extents()  # what block status said, for lseek
         pool.verify = self._same_disk
 
     @classmethod
@@ -442,6 +444,7 @@ class ExportIO:
         cb = self.cache.block_size
         blocks = range(offset // cb, (end - 1) // cb + 1)
         started = self.cache.start_write(blocks)
+        self.extents.forget(offset, end)
         use_fua = fua and self._use_fua
         view = memoryview(data)
         ok = False
@@ -472,6 +475,7 @@ class ExportIO:
                     else:
                         updates[b] = self.cache.patch(b, lo - b0, view[lo - offset : hi - offset])
             self.cache.end_write(started, updates, ok)
+            self.extents.forget(offset, end)  # (and any block status asked meanwhile)
 
     async def _write_piece(self, start: int, piece: memoryview, fua: bool) -> None:
         if self._use_zeroes and _all_zero(piece):
@@ -516,6 +520,7 @@ class ExportIO:
         use_fua = fua and self._use_fua
         async with self._ranges.hold(a0, a1):
             started = self.cache.start_write(blocks)
+            self.extents.forget(a0, a1)
             ok = False
             try:
                 if kind is Kind.ZERO and not self._use_zeroes:
@@ -530,8 +535,10 @@ class ExportIO:
                     await self.pool.flush()
                 ok = True
             finally:
-                # Every block the change touched is dropped (the next read asks the server).
+                # Every block the change touched is dropped (the next read asks the server),
+                # and what block status said of it (asked while it was on its way, too).
                 self.cache.end_write(started, dict.fromkeys(blocks), ok)
+                self.extents.forget(a0, a1)
 
     async def _send_change(self, start: int, length: int, kind: Kind, fua: bool) -> None:
         async def op(c: Connection) -> None:
@@ -545,28 +552,49 @@ class ExportIO:
     async def next_extent(self, offset: int, data: bool) -> int | None:
         """The first offset at or after ``offset`` (inside the export) that holds data
         (``data``) or is a hole; None if no data follows. From NBD_CMD_BLOCK_STATUS
-        (base:allocation); without it the export is all data, with a hole at its end."""
+        (base:allocation), through the bounded :class:`Extents` map that writes, trims and
+        zeroes keep true; without block status the export is all data, with a hole at its
+        end."""
         if not self._allocation:
             return offset if data else self.size
-        m = self.minimum
-        pos = offset - offset % m
+        pos = offset
         while pos < self.size:
-            length = min(self.size - pos, STATUS_MAX - STATUS_MAX % m)
-
-            async def op(c: Connection, pos: int = pos, length: int = length) -> object:
-                return await c.block_status(pos, length)
-
-            reply = await self.pool.run(op)
-            assert isinstance(reply, dict)
-            extents = reply.get(META_CONTEXT_ALLOCATION, [])
-            if not extents:
-                return offset if data else self.size  # (the server said nothing: data)
-            for n, flags in extents:
-                hole = bool(flags & StateFlag.HOLE)
-                if hole != data and pos + n > offset:
-                    return max(pos, offset)
-                pos += n
+            known = self.extents.find(pos)
+            if known is not None:
+                spans = [(pos, *known)]
+            else:
+                asked = await self._block_status(pos)
+                if asked is None or asked[-1][1] <= pos:  # (nothing useful: call it data)
+                    return offset if data else self.size
+                spans = asked
+            for start, end, hole in spans:
+                if end <= pos:
+                    continue
+                if hole != data:
+                    return max(start, pos)
+                pos = end
         return None if data else self.size
+
+    async def _block_status(self, pos: int) -> list[tuple[int, int, bool]] | None:
+        """What the server says of the allocation from ``pos`` on: (start, end, hole)."""
+        m = self.minimum
+        first = pos - pos % m
+        length = min(self.size - first, STATUS_MAX - STATUS_MAX % m)
+        generation = self.extents.generation
+
+        async def op(c: Connection) -> dict[str, list[tuple[int, int]]]:
+            return await c.block_status(first, length)
+
+        extents = (await self.pool.run(op)).get(META_CONTEXT_ALLOCATION)
+        if not extents:
+            return None
+        spans, start = [], first
+        for n, flags in extents:
+            end = min(start + n, self.size)
+            spans.append((start, end, bool(flags & StateFlag.HOLE)))
+            start = end
+        self.extents.add(first, [(e - s, hole) for s, e, hole in spans], generation)
+        return spans
 
     async def flush(self) -> None:
         await self.pool.flush()

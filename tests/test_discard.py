@@ -325,3 +325,30 @@ def test_a_trim_after_an_unflushed_write_survives_a_restart(tmp_path: Path) -> N
         assert (exports / "disk").read_bytes()[MiB : 2 * MiB] == bytes(MiB)
     finally:
         srv.close()
+
+
+def test_holes_are_asked_once_and_kept_true_by_writes(tmp_path: Path) -> None:
+    log = tmp_path / "nbdkit.log"
+    with (
+        nbdkit("--filter=log", "memory", "64M", f"logfile={log}") as srv,
+        mounted(srv.address, tmp_path / "mnt") as mnt,
+    ):
+        path = mnt / "%default%"
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, MiB)
+            buf.write(b"d" * MiB)
+            os.pwrite(fd, buf, 8 * MiB)
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 8 * MiB
+            asked = len(events(log, "Extents"))
+            assert asked >= 1
+            for _ in range(20):  # answered from what block status said
+                assert os.lseek(fd, 0, os.SEEK_DATA) == 8 * MiB
+                assert os.lseek(fd, 8 * MiB, os.SEEK_HOLE) == 9 * MiB
+            assert len(events(log, "Extents")) == asked
+            os.pwrite(fd, buf, 2 * MiB)  # data where there was a hole
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 2 * MiB
+            fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 2 * MiB, MiB)  # and a hole again
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 8 * MiB
+        finally:
+            os.close(fd)

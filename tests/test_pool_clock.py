@@ -6,7 +6,6 @@ a minute of the pool's waiting takes well under a second."""
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
 
 from .servers import free_port, nbdkit
+from .test_faults import PauseControl
 
 TIMEOUT = 60.0
 
@@ -37,17 +37,6 @@ def run_clocked(body: Callable[[trio.Nursery], Awaitable[None]]) -> float:
     start = time.monotonic()
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.05))
     return time.monotonic() - start
-
-
-class PauseControl:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def send(self, command: bytes) -> None:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(self.path))
-            s.sendall(command)
-            assert s.recv(1) == command.upper()
 
 
 async def _read(conn: Connection) -> bytearray:
