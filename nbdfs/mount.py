@@ -234,9 +234,9 @@ async def run_mount(
         )
     async with trio.open_nursery() as nursery:
         fs = NbdFs(config, exports, nursery)
+        fs.poller = poll.install(config.poll)  # (before any pool exists: each is handed it)
         if config.partitions:
             await fs.load_partitions()
-        fs.poller = poll.install(config.poll)
         fs.after_init = lambda: raise_read_ahead(mountpoint)
         try:
             pyfuse3.init(fs, mountpoint, options)

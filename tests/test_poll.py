@@ -126,11 +126,15 @@ def test_install_zero_means_off() -> None:
 
 
 @pytest.mark.fuse
-def test_status_shows_polling_and_poll_max_zero_turns_it_off(tmp: Path) -> None:
+@pytest.mark.parametrize("partitions", [False, True])
+def test_status_shows_polling_and_poll_max_zero_turns_it_off(tmp: Path, partitions: bool) -> None:
+    """(With --partitions the exports' pools open before the mount is up: they must be
+    handed the poller all the same.)"""
+    extra = ["--partitions"] if partitions else []
     with nbdkit("memory", "8M") as srv:
         # 10 ms: far longer than any loopback reply takes, so the mount's small reads are
         # answered by polling (the default, 100 us, adapts to how fast this machine is).
-        with mounted(srv.address, tmp / "a", "-o", "poll_max=10000") as mnt:
+        with mounted(srv.address, tmp / "a", "-o", "poll_max=10000", *extra) as mnt:
             fd = os.open(mnt / "%default%", os.O_RDONLY | os.O_DIRECT)
             try:
                 import mmap
