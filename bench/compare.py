@@ -2,7 +2,7 @@
 """nbdfs vs nbdfuse on the same nbdkit server, side by side, in one run.
 
     sudo .venv/bin/python bench/compare.py [--size 1G] [--rounds 3] [--runtime 8]
-                                           [--only TEXT] [--rate BITS]
+                                           [--only TEXT] [--rate BITS] [--delay MS]
 
 Starts one nbdkit memory server filled with random data, then for each round mounts it
 with nbdfuse and with nbdfs (fresh mounts, page cache dropped before every cold figure)
@@ -255,6 +255,13 @@ def main() -> None:
         " shows what the bytes each tool fetches cost; no files written",
     )
     ap.add_argument(
+        "--delay",
+        type=float,
+        metavar="MS",
+        help="serve through nbdkit's delay filter: every read and write answered MS later,"
+        " as from a distant server; no files written",
+    )
+    ap.add_argument(
         "--ceiling",
         action="store_true",
         help="also measure a pyfuse3 file system that does nothing (bench/pyfuse3_ceiling.py):"
@@ -290,7 +297,7 @@ def main() -> None:
             f"count={min(size // MiB, 256)}",
             "status=none",
         )
-        with server(size, work, args.rate) as uri:
+        with server(size, work, args.rate, args.delay) as uri:
             for r in range(args.rounds):
                 raw = []
                 for _ in range(1):
@@ -327,7 +334,7 @@ def main() -> None:
                                 moved = size if "read" in name else min(size, 256 * MiB)
                                 cpu_per_gib.append((cpu1 - cpu0) / (moved / (1 << 30)))
                         print(f"round {r + 1}: {name:30} {tool:8} {value:12.1f} {unit}", flush=True)
-    if args.only or args.rate:
+    if args.only or args.rate or args.delay:
         for name, per in results.items():
             a, b = (statistics.median(per.get(t, [0])) for t in ("nbdfuse", "nbdfs"))
             if a and b:
