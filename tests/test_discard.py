@@ -4,12 +4,14 @@ with nbdinfo --map of the same export."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -47,6 +49,17 @@ def events(log: Path, kind: str) -> list[tuple[int, int, str]]:
     return out
 
 
+@contextlib.contextmanager
+def logged_memory(tmp_path: Path, size: str, *options: str) -> Iterator[tuple[Path, Path]]:
+    """nbdkit memory SIZE behind its log filter, mounted: (mountpoint, the log)."""
+    log = tmp_path / "nbdkit.log"
+    with (
+        nbdkit("--filter=log", "memory", size, f"logfile={log}") as srv,
+        mounted(srv.address, tmp_path / "mnt", *options) as mnt,
+    ):
+        yield mnt, log
+
+
 def filled(path: Path, size: int) -> None:
     with open(path, "r+b") as f:
         f.write(os.urandom(size))
@@ -55,11 +68,7 @@ def filled(path: Path, size: int) -> None:
 
 
 def test_punch_hole_and_zero_range_reach_the_server_and_read_back_as_zeros(tmp_path: Path) -> None:
-    log = tmp_path / "nbdkit.log"
-    with (
-        nbdkit("--filter=log", "memory", "16M", f"logfile={log}") as srv,
-        mounted(srv.address, tmp_path / "mnt") as mnt,
-    ):
+    with logged_memory(tmp_path, "16M") as (mnt, log):
         path = mnt / "%default%"
         filled(path, 8 * MiB)
         fd = os.open(path, os.O_RDWR)
@@ -84,11 +93,7 @@ def test_punch_hole_and_zero_range_reach_the_server_and_read_back_as_zeros(tmp_p
 
 
 def test_an_o_dsync_handle_trims_with_fua(tmp_path: Path) -> None:
-    log = tmp_path / "nbdkit.log"
-    with (
-        nbdkit("--filter=log", "memory", "4M", f"logfile={log}") as srv,
-        mounted(srv.address, tmp_path / "mnt") as mnt,
-    ):
+    with logged_memory(tmp_path, "4M") as (mnt, log):
         fd = os.open(mnt / "%default%", os.O_RDWR | os.O_DSYNC)
         try:
             fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 0, MiB)
@@ -212,11 +217,7 @@ def test_qemu_img_convert_of_a_mostly_empty_export_reads_only_its_data(tmp_path:
     """qemu-img asks SEEK_DATA/SEEK_HOLE of a raw file, so a 1 GiB export holding 1 MiB of
     data costs about 1 MiB from the server. (cp --sparse and tar -S first look at st_blocks,
     which nbdfs reports as fully allocated: getattr does not ask the server.)"""
-    log = tmp_path / "nbdkit.log"
-    with (
-        nbdkit("--filter=log", "memory", "1G", f"logfile={log}") as srv,
-        mounted(srv.address, tmp_path / "mnt", "--cache-size=0") as mnt,
-    ):
+    with logged_memory(tmp_path, "1G", "--cache-size=0") as (mnt, log):
         fd = os.open(mnt / "%default%", os.O_RDWR | os.O_DIRECT)
         try:
             buf = mmap.mmap(-1, MiB)
@@ -328,11 +329,7 @@ def test_a_trim_after_an_unflushed_write_survives_a_restart(tmp_path: Path) -> N
 
 
 def test_holes_are_asked_once_and_kept_true_by_writes(tmp_path: Path) -> None:
-    log = tmp_path / "nbdkit.log"
-    with (
-        nbdkit("--filter=log", "memory", "64M", f"logfile={log}") as srv,
-        mounted(srv.address, tmp_path / "mnt") as mnt,
-    ):
+    with logged_memory(tmp_path, "64M") as (mnt, log):
         path = mnt / "%default%"
         fd = os.open(path, os.O_RDWR | os.O_DIRECT)
         try:
