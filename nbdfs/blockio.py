@@ -182,7 +182,13 @@ class ExportIO:
             return f"{differ} of {len(sample)} blocks read before differ"
         return None
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+    async def read(
+        self, offset: int, length: int, *, reader: bool = True
+    ) -> bytes | bytearray | memoryview:
+        """Bytes ``offset`` to ``offset + length`` (clamped to the export) through the
+        cache: each block's cached bytes, or the fetch in flight it joins, or a new fetch;
+        then sliced. ``reader`` False: the read of a read-modify-write, which counts no hit
+        or miss and leaves the sequential detector and read-ahead alone."""
         if self.pool.failed is not None:  # (cached bytes are of another disk)
             self.cache.clear()
             raise self.pool.failed
@@ -191,22 +197,7 @@ class ExportIO:
             return b""
         if not self.cache.enabled:
             return await self._read_direct(offset, end)
-        return await self._read(offset, end, offset == self._next_sequential, reader=True)
-
-    async def _read_own(self, offset: int, end: int) -> bytes | bytearray | memoryview:
-        """The bytes a read-modify-write keeps: read like any other, but not as a reader's
-        read (no hit or miss counted, the sequential detector and read-ahead unmoved)."""
-        if offset >= end:
-            return b""
-        if not self.cache.enabled:
-            return await self._read_direct(offset, end)
-        return await self._read(offset, end, sequential=False, reader=False)
-
-    async def _read(
-        self, offset: int, end: int, sequential: bool, reader: bool
-    ) -> bytes | bytearray | memoryview:
-        """Bytes ``offset`` to ``end`` (inside the export) through the cache: each block's
-        cached bytes, or the fetch in flight it joins, or a new fetch; then sliced."""
+        sequential = reader and offset == self._next_sequential
         cb = self.cache.block_size
         first, last = offset // cb, (end - 1) // cb
         # A sequential reader gets whole blocks (and read-ahead); a read at random only the
@@ -362,7 +353,7 @@ class ExportIO:
         end = min(run[-1][0] * cb + run[-1][1].hi, self.size)
         aligned_end = end + (-end % self.minimum)
         data: bytes | bytearray | None = None
-        error: Exception = ReadFailed(f"reading {start}+{end - start} of {self.pool.name!r} failed")
+        error: Exception | None = None
         try:
             if aligned_end > self.size:
                 raise ReadFailed("the export's size is not a multiple of its minimum block")
@@ -380,8 +371,9 @@ class ExportIO:
             log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, end - start, exc)
             error = exc
         except BaseException:  # cancelled: other readers of these blocks must not wait forever
+            cancelled = ReadFailed(f"reading {start}+{end - start} of {self.pool.name!r} stopped")
             for b, fetch in run:
-                self.cache.end_fetch(b, fetch, error)
+                self.cache.end_fetch(b, fetch, cancelled)
             raise
         if data is not None and len(run) == 1 and len(data) == end - start:
             # One block (or part of one), read for itself (the usual random read): the
@@ -389,12 +381,16 @@ class ExportIO:
             b, fetch = run[0]
             self.cache.end_fetch(b, fetch, self._entry(b, fetch, data))
             return
-        view = memoryview(data) if data is not None else None
+        if data is None:
+            failed = error or ReadFailed(f"reading {start}+{end - start} failed")
+            for b, fetch in run:
+                self.cache.end_fetch(b, fetch, failed)
+            return
+        view = memoryview(data)
         for b, fetch in run:
             lo = b * cb + fetch.lo - start
-            piece = view[lo : lo + fetch.hi - fetch.lo] if view is not None else None
             self.cache.end_fetch(
-                b, fetch, self._entry(b, fetch, piece) if piece is not None else error
+                b, fetch, self._entry(b, fetch, view[lo : lo + fetch.hi - fetch.lo])
             )
 
     def _entry(self, b: int, fetch: Fetch, data: Block) -> Entry:
@@ -431,8 +427,8 @@ class ExportIO:
             a0 = offset - offset % self.minimum
             a1 = end + (-end % self.minimum)
             async with self._ranges.hold(a0, a1):
-                head = await self._read_own(a0, offset)
-                tail = await self._read_own(end, a1)
+                head = await self.read(a0, offset - a0, reader=False)
+                tail = await self.read(end, a1 - end, reader=False)
                 await self._write_aligned(a0, b"".join((head, data, tail)), fua)
         else:
             async with self._ranges.hold(offset, end):
