@@ -178,7 +178,6 @@ class ExportIO:
             if zlib.crc32(await conn.read(start, length)) != crc:
                 differ += 1
         if differ:
-            self.cache.clear()
             return f"{differ} of {len(sample)} blocks read before differ"
         return None
 
@@ -189,8 +188,9 @@ class ExportIO:
         cache: each block's cached bytes, or the fetch in flight it joins, or a new fetch;
         then sliced. ``reader`` False: the read of a read-modify-write, which counts no hit
         or miss and leaves the sequential detector and read-ahead alone."""
-        if self.pool.failed is not None:  # (cached bytes are of another disk)
-            self.cache.clear()
+        if self.pool.failed is not None:
+            if self.cache.used:  # (cached bytes are of another disk: dropped once)
+                self.cache.clear()
             raise self.pool.failed
         end = min(offset + length, self.size)
         if offset >= end:

@@ -282,11 +282,14 @@ def _nbdfs_mount(path: str) -> str:
     raise MountError(f"{path} is not an nbdfs mount (see 'findmnt -t fuse.nbdfs')")
 
 
-def _status_of(path: str) -> dict[str, Any]:
-    """The daemon's status xattr on ``path`` (the mount's root, or an export's file)."""
+def _status_of(path: str) -> dict[str, Any] | None:
+    """The daemon's status xattr on ``path`` (the mount's root, or an export's file); None
+    for a file that has none (a partition file: its counters are its export's)."""
     try:
         value = json.loads(os.getxattr(path, STATUS_XATTR))
     except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return None
         raise MountError(f"the daemon of {path} does not answer: {exc.strerror}") from None
     assert isinstance(value, dict)
     return value
@@ -296,17 +299,15 @@ def mount_status(mountpoint: str) -> dict[str, Any]:
     """The whole status: the mount's own part, and each export's, from its file (one
     query per export, so it works for any number of them)."""
     status = _status_of(mountpoint)
+    if status is None:
+        raise MountError(f"the daemon of {mountpoint} does not answer: no status")
     exports = []
     for top, dirs, files in os.walk(mountpoint):
         dirs.sort()
         for name in sorted(files):
-            path = os.path.join(top, name)
-            try:
-                os.getxattr(path, STATUS_XATTR, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno == errno.ENODATA:
-                    continue  # a partition file: its export's counters are the export's
-            exports.append(_status_of(path))
+            entry = _status_of(os.path.join(top, name))
+            if entry is not None:
+                exports.append(entry)
     status["exports"] = exports
     return status
 

@@ -54,7 +54,8 @@ class Extents:
     def forget(self, start: int, end: int) -> None:
         """Bytes ``start`` to ``end`` changed (a write, trim or zeroing started)."""
         self.generation += 1
-        self._cut(start, end)
+        if self._spans:  # (every write calls this: nothing to do while nothing is known)
+            self._cut(start, end)
 
     def _cut(self, start: int, end: int) -> None:
         i = max(bisect.bisect_right(self._starts, start) - 1, 0)

@@ -78,13 +78,20 @@ class Node:
     window: Partition | None = None  # a partition file: this part of ``disk``'s export
     disk: Node | None = None
     partitions: list[Node] = field(default_factory=list)  # of an export, with --partitions
-    parent_of: Node | None = None  # the directory an export's file is in, while shown
 
     @property
     def size(self) -> int:
         if self.window is not None:
             return self.window.size
         return self.export.size or 0 if self.export is not None else 0
+
+    def on_disk(self, offset: int) -> tuple[Node, int]:
+        """The export's node and the offset in it: a partition file is a window on its
+        disk, any other file is itself."""
+        if self.window is None:
+            return self, offset
+        assert self.disk is not None
+        return self.disk, self.window.start + offset
 
 
 @dataclass(slots=True)
@@ -230,8 +237,7 @@ class NbdFs(pyfuse3.Operations):
                     parent.children[key] = child
                 parent = child
             key = os.fsencode(leaf)
-            parent.children[key] = node = self._add(key, parent.inode, export)
-            node.parent_of = parent
+            parent.children[key] = self._add(key, parent.inode, export)
             self._paths[export.name] = paths[export.name]
         return gone
 
@@ -249,8 +255,7 @@ class NbdFs(pyfuse3.Operations):
             if child is None:
                 return []
             chain.append(child)
-        gone = self._set_partitions(chain[-1], []) if chain[-1].parent_of is not None else []
-        chain[-1].parent_of = None
+        gone = self._set_partitions(chain[-2], chain[-1], [])
         for parent, node in reversed(list(itertools.pairwise(chain))):
             if node.children:  # a directory still holding other exports stays
                 break
@@ -287,7 +292,9 @@ class NbdFs(pyfuse3.Operations):
         or trusted gives one log line and no partition files for that export."""
         gone: list[tuple[int, bytes, int]] = []
         for node in self.exports:
-            if node.export is None or not node.export.size or node.parent_of is None:
+            parent = self._nodes[node.parent]
+            shown = parent.children.get(node.name) is node
+            if node.export is None or not node.export.size or not shown:
                 continue
             parts: list[Partition] = []
             try:
@@ -296,12 +303,13 @@ class NbdFs(pyfuse3.Operations):
                     parts = await read_partitions(io, node.export.size)
             except (NbdError, trio.TooSlowError) as exc:
                 log.warning("export %r: no partition files: %s", node.export.name, exc)
-            gone += self._set_partitions(node, parts)
+            gone += self._set_partitions(parent, node, parts)
         return gone
 
-    def _set_partitions(self, node: Node, parts: list[Partition]) -> list[tuple[int, bytes, int]]:
-        parent = node.parent_of
-        assert parent is not None
+    def _set_partitions(
+        self, parent: Node, node: Node, parts: list[Partition]
+    ) -> list[tuple[int, bytes, int]]:
+        """Show ``parts`` as files next to ``node`` in ``parent``; return what went away."""
         gone = []
         kept = []
         for old in node.partitions:
@@ -485,12 +493,11 @@ class NbdFs(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._handle(fh).node
-        window = node.window
-        if window is not None:  # a partition file: clipped to it, moved to its start
-            if off >= window.size:
+        if node.window is not None:  # a partition file: clipped to it
+            if off >= node.window.size:
                 return b""
-            off, size = window.start + off, min(size, window.size - off)
-            node = node.disk  # type: ignore[assignment]
+            size = min(size, node.window.size - off)
+            node, off = node.on_disk(off)
         # pyfuse3 replies from any buffer (PyObject_GetBuffer); a memoryview saves a copy.
         io = node.io or await self._io(node)
         return await io.read(off, size)  # type: ignore[return-value]
@@ -504,17 +511,15 @@ class NbdFs(pyfuse3.Operations):
         if off >= size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         data = memoryview(buf)[: size - off]  # a write across the end is cut short, like a disk
-        if node.window is not None:  # a partition file: moved to its start
-            off += node.window.start
-            node = node.disk  # type: ignore[assignment]
+        node, off = node.on_disk(off)
         io = node.io or await self._io(node)
         return await io.write(off, data, fua=handle.sync)
 
     @_polled
     @_fuse_errors
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        node = self._handle(fh).node
-        io = (node.disk or node).io
+        node, _ = self._handle(fh).node.on_disk(0)
+        io = node.io
         if io is not None:  # (nothing was written through an export not opened)
             await io.flush()
 
@@ -533,9 +538,7 @@ class NbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             return  # allocation inside a disk of fixed size: there already
-        if node.window is not None:
-            offset += node.window.start
-            node = node.disk  # type: ignore[assignment]
+        node, offset = node.on_disk(offset)
         io = node.io or await self._io(node)
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not io.can_trim:
@@ -554,10 +557,7 @@ class NbdFs(pyfuse3.Operations):
         size = node.size
         if offset < 0 or offset >= size:
             raise pyfuse3.FUSEError(errno.ENXIO)
-        base = 0
-        if node.window is not None:
-            base = node.window.start
-            node = node.disk  # type: ignore[assignment]
+        node, base = node.on_disk(0)
         io = node.io or await self._io(node)
         found = await io.next_extent(base + offset, whence == SEEK_DATA)
         if found is None or found - base >= size:

@@ -20,7 +20,7 @@ import itertools
 import struct
 import uuid
 import zlib
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from .errors import NbdError
@@ -203,13 +203,18 @@ def _check_disjoint(spans: list[tuple[int, int]]) -> None:
             raise PartitionError(f"partitions at bytes {a} and {b} overlap")
 
 
-def parse(image: bytes) -> list[Partition]:
-    """The partitions of an image held in memory (for tests and tools)."""
-    steps = read_table(len(image))
+def parse_with(read: Callable[[int, int], bytes], disk_size: int) -> list[Partition]:
+    """:func:`read_table` driven by ``read(offset, length)``, a synchronous reader."""
+    steps = read_table(disk_size)
     try:
         request = next(steps)
         while True:
-            request = steps.send(image[request.offset : request.offset + request.length])
+            request = steps.send(read(request.offset, request.length))
     except StopIteration as stop:
         result: list[Partition] = stop.value
         return result
+
+
+def parse(image: bytes) -> list[Partition]:
+    """The partitions of an image held in memory (for tests and tools)."""
+    return parse_with(lambda offset, length: image[offset : offset + length], len(image))

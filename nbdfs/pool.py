@@ -129,7 +129,6 @@ class ExportPool:
         self.idle_timeout = idle_timeout
         self.journal_limit = journal_limit
         self._poller = poller  # told of every request that goes to the server
-        self.export: Export | None = None
         self.session: Session | None = None  # the first connection's (contexts and all)
         self.stats = Stats()
         self._outer = nursery  # where the pool's own nursery runs (the mount's)
@@ -156,6 +155,11 @@ class ExportPool:
         self.failed: ExportChanged | None = None  # set once for good: the disk changed
 
     # -- choosing and opening connections ------------------------------------------------
+
+    @property
+    def export(self) -> Export | None:
+        """The export as the first connection found it (None before one opened)."""
+        return self.session.export if self.session is not None else None
 
     @property
     def flags(self) -> TransmissionFlag:
@@ -296,7 +300,6 @@ class ExportPool:
             self._changed.set()
             self._changed = trio.Event()
         if self.export is None:
-            self.export = conn.export
             self.session = conn.session
         else:
             why = None

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdfs.partitions import MAX_PARTITIONS, Partition, PartitionError, parse, read_table
+from nbdfs.partitions import MAX_PARTITIONS, Partition, PartitionError, parse, parse_with
 
 from .mounts import mounted
 from .servers import nbdkit, require_tool
@@ -158,18 +158,15 @@ def _base(factory: pytest.TempPathFactory, kind: str) -> bytes:
 
 def _parse_changed(base: bytes, changes: dict[int, int]) -> list[Partition]:
     """:func:`parse` of ``base`` with some bytes changed, without copying the image."""
-    steps = read_table(len(base))
-    try:
-        request = next(steps)
-        while True:
-            data = bytearray(base[request.offset : request.offset + request.length])
-            for at, value in changes.items():
-                if request.offset <= at < request.offset + len(data):
-                    data[at - request.offset] = value
-            request = steps.send(bytes(data))
-    except StopIteration as stop:
-        result: list[Partition] = stop.value
-        return result
+
+    def read(offset: int, length: int) -> bytes:
+        data = bytearray(base[offset : offset + length])
+        for at, value in changes.items():
+            if offset <= at < offset + len(data):
+                data[at - offset] = value
+        return bytes(data)
+
+    return parse_with(read, len(base))
 
 
 # Where the tables live: the MBR and GPT header and entries, and the extended boot records.
