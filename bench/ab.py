@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Paired A/B of two nbdfs builds on the same nbdkit server, in one run.
 
-    sudo .venv/bin/python bench/ab.py BASE [NEW] [--rounds 5] [--runtime 5] [--only TEXT]
+    sudo .venv/bin/python bench/ab.py BASE [NEW] [--rounds 6] [--runtime 5] [--only TEXT]
+                                      [--delay MS] [--tls]
 
 BASE and NEW are git revisions (NEW defaults to the work tree as it is, uncommitted
 changes included). Each is unpacked into a directory of its own and run with this venv's
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (
     MiB,
     dd_rate,
+    make_pki,
     drop_caches,
     fio_iops,
     nbdfs,
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument(
         "--delay", type=float, metavar="MS", help="serve through nbdkit's delay filter (a link)"
     )
+    ap.add_argument("--tls", action="store_true", help="over TLS (nbdfs tls-init certificates)")
     args = ap.parse_args()
     size = parse_size(args.size)
     names = {"A": args.base, "B": args.new or "work tree"}
@@ -121,7 +124,9 @@ def main() -> None:
         shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
         rnd = shm / "write.img"
         sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
-        with server(size, work, delay_ms=args.delay) as uri:
+        pki = make_pki(work) if args.tls else None
+        extra = ["--tls-certificates", str(pki)] if pki else []
+        with server(size, work, delay_ms=args.delay, tls=pki) as uri:
             for r in range(args.rounds):
                 for name, unit, job in jobs(size, args.runtime, rnd):
                     if args.only and args.only not in name:
@@ -130,7 +135,7 @@ def main() -> None:
                     for build in order:
                         drop_caches()
                         mnt = work / ("ma" if build == "A" else "mb")
-                        with nbdfs(uri, mnt, [], trees[build]) as (path, pid):
+                        with nbdfs(uri, mnt, extra, trees[build]) as (path, pid):
                             cpu0, _ = proc_stats(pid)
                             value, requests = job(path)
                             cpu1, _ = proc_stats(pid)

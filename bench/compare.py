@@ -64,8 +64,15 @@ def parse_size(text: str) -> int:
 
 @contextlib.contextmanager
 def server(
-    size: int, work: Path, rate: str | None = None, delay_ms: float | None = None
+    size: int,
+    work: Path,
+    rate: str | None = None,
+    delay_ms: float | None = None,
+    tls: Path | None = None,
 ) -> Iterator[str]:
+    """nbdkit memory SIZE filled with random data; yields its URI (nbds://... with ``tls``,
+    the certificate directory: TLS required of nbdfs and nbdfuse, plaintext allowed only
+    for the nbdcopy that fills it)."""
     port = free_port()
     pidfile = work / "nbdkit.pid"
     # A link of `rate` bits/s: nbdkit's rate filter, with a short burst allowance so an
@@ -86,6 +93,7 @@ def server(
             str(port),
             "-P",
             str(pidfile),
+            *(["--tls=on", f"--tls-certificates={tls}"] if tls else []),
             *link,
             "memory",
             str(size),
@@ -100,10 +108,17 @@ def server(
         sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={size // MiB}", "status=none")
         sh("nbdcopy", str(rnd), uri)
         rnd.unlink()
-        yield uri
+        yield f"nbds://127.0.0.1:{port}" if tls else uri
     finally:
         proc.terminate()
         proc.wait()
+
+
+def make_pki(work: Path) -> Path:
+    """Certificates for a TLS run (``nbdfs tls-init``), for the server at 127.0.0.1."""
+    pki = work / "pki"
+    sh(*NBDFS, "tls-init", str(pki), "--host", "127.0.0.1", cwd=ROOT)
+    return pki
 
 
 def unmount(path: Path) -> None:
