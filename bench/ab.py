@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (
     MiB,
     dd_rate,
-    make_pki,
     drop_caches,
     fio_iops,
+    make_pki,
     nbdfs,
     parse_size,
     proc_stats,
