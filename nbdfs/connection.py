@@ -41,6 +41,7 @@ from .handshake import Action, Handshake, Receive, Send, StartTls
 from .session import Listing, Session
 from .target import Target
 from .tls import TlsConfig, describe_ssl_error
+from .tlsstream import TlsSocketStream
 from .transmission import Reply, Transmission
 from .wire import Cmd, CmdFlag, Errno
 
@@ -156,34 +157,20 @@ async def drive(
             phase[0] = "negotiating options over TLS"
 
 
-async def _start_tls(
-    stream: trio.abc.Stream, tls: TlsConfig, target: Target
-) -> trio.SSLStream[trio.abc.Stream]:
+async def _start_tls(stream: trio.abc.Stream, tls: TlsConfig, target: Target) -> TlsSocketStream:
     server_name = target.tls_server_name
     if server_name is None and tls.verify_peer:
         raise TlsError(
             "no host name to check the server's certificate against (a Unix socket):"
             " add ?tls-hostname=NAME to the URI"
         )
-    ssl_stream = trio.SSLStream(stream, tls.context(), server_hostname=server_name)
-    session = tls.sessions.get(target.describe())
-    if session is not None:
-        ssl_stream.session = session  # resume: no certificate exchange, one round trip less
-    try:
-        await ssl_stream.do_handshake()
-    except trio.BrokenResourceError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ssl.SSLError):
-            raise TlsError(describe_ssl_error(cause)) from None
-        raise TlsError("server closed the connection during the TLS handshake") from None
-    log.info(
-        "TLS with %s: %s, %s%s",
-        target.describe(),
-        ssl_stream.version(),
-        ssl_stream.cipher()[0],
-        ", session resumed" if ssl_stream.session_reused else "",
+    assert isinstance(stream, trio.SocketStream)
+    # (session: resume, with no certificate exchange and one round trip less)
+    tls_stream = await TlsSocketStream.start(
+        stream, tls.context(), server_name, tls.sessions.get(target.describe())
     )
-    return ssl_stream
+    log.info("TLS with %s: %s", target.describe(), tls_stream.describe())
+    return tls_stream
 
 
 async def _handshake(
@@ -217,11 +204,12 @@ async def _handshake_steps(
     handshake = Handshake(tls.mode)
     try:
         stream, result = await drive(stream, make_steps(handshake), tls, target, phase)
-        if isinstance(stream, trio.SSLStream) and stream.session and stream.session.has_ticket:
+        ticketed = isinstance(stream, TlsSocketStream) and stream.ssl.session
+        if ticketed and ticketed.has_ticket:
             # Keep the (TLS 1.3: post-handshake) session ticket for the next connection.
             # (nbdkit 1.32 and qemu-nbd 7.2 issue none, so with them every connection does a
             # full handshake; tests/test_tls.py pins that.)
-            tls.sessions[target.describe()] = stream.session
+            tls.sessions[target.describe()] = ticketed
         return stream, result
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await trio.aclose_forcefully(stream)
@@ -312,8 +300,10 @@ class Connection:
         self.target = target
         self.core = Transmission(session)
         self._stream = stream
-        # A plain socket is driven with system calls directly (see _receive and _send).
+        # A plain socket is driven with system calls directly (see _receive and _send), and
+        # a TLS one through its ssl.SSLSocket, just as directly.
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._tls = stream if isinstance(stream, TlsSocketStream) else None
         self._receives = 0
         self._drained = False  # the last read emptied the socket (see _receive)
         self._send_lock = trio.Lock()
@@ -404,23 +394,33 @@ class Connection:
     async def _receive(self) -> bytes | bytearray | memoryview | None:
         """The next bytes from the server (empty at its end), or None if they were received
         straight into the buffer of the read in progress."""
-        if self._sock is None:  # TLS
-            return await self._stream.receive_some(_RECEIVE_SIZE)
         # A plain socket is read with plain system calls, waiting only when it is empty:
         # trio's socket methods yield to the scheduler twice per call even when data is
         # there, which cost more than the copy itself at small block sizes.
+        if self._sock is None and self._tls is None:  # (the tests' in-memory streams)
+            return await self._stream.receive_some(_RECEIVE_SIZE)
         self._receives += 1
         if self._receives % 64 == 0:
             await trio.lowlevel.checkpoint()  # never starve other tasks while data pours in
         space = self.core.sink_space()
         try:
+            if self._tls is not None:  # (OpenSSL may hold bytes: always try before waiting)
+                n = await self._tls.receive_into(_RECEIVE_VIEW if space is None else space)
+                if space is None:
+                    return _RECEIVE_VIEW[:n]
+                if not n:
+                    return b""
+                self.core.sink_received(n)
+                return None
+            sock = self._sock
+            assert sock is not None
             while True:
                 fd = self._fileno()
                 if self._drained:
                     # The last read got less than it asked for: the socket is most likely
                     # empty, so wait first instead of failing a read with EAGAIN.
                     self._drained = False
-                    await trio.lowlevel.wait_readable(self._sock)
+                    await trio.lowlevel.wait_readable(sock)
                     fd = self._fileno()
                 try:
                     if space is None:
@@ -430,7 +430,7 @@ class Connection:
                     # A read payload goes straight into its request's buffer: no copy.
                     n = os.readv(fd, (space,))
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self._sock)
+                    await trio.lowlevel.wait_readable(sock)
                     continue
                 if not n:
                     return b""
@@ -461,9 +461,11 @@ class Connection:
             waiter.event.set()
         self._waiters.clear()
         stream = self._stream
-        # Closing is synchronous for plain sockets; TLS needs an await we may not have here.
+        # (Synchronous: no close_notify, which needs an await we may not have here.)
         if isinstance(stream, trio.SocketStream):
             stream.socket.close()
+        elif isinstance(stream, TlsSocketStream):
+            stream.close()
 
     async def request(
         self,
@@ -510,7 +512,7 @@ class Connection:
 
     async def _send(self, header: bytes, data: bytes | bytearray | memoryview | None) -> None:
         """Send a request's header and payload (the caller holds the send lock)."""
-        if self._sock is None:  # TLS
+        if self._sock is None:  # TLS: one record for a header and a small payload
             if data is not None and len(data) <= 1 << 16:
                 await self._stream.send_all(header + bytes(data))
             else:
