@@ -2,28 +2,86 @@
 """The NBD client alone, without FUSE: reads per second through one nbdfs Connection.
 
     .venv/bin/python bench/client_latency.py nbd://127.0.0.1:10809 [--size 4096,32768]
-        [--depth 1,16] [--count 5000]
+        [--depth 1,16] [--count 5000] [--minimal]
 
 Random reads of each size, ``depth`` at a time, against a running server (e.g.
-``nbdkit memory 1G``). Separates the client's cost from the FUSE path's when a mount is
-slower than expected.
+``nbdkit memory 1G``), with the CPU time per read. Separates the client's cost from the
+FUSE path's when a mount is slower than expected.
+
+``--minimal``: instead of nbdfs's Connection, the least a trio NBD client can do (the
+handshake by nbdfs, then one socket, ``os.write`` of each request's header, one reader
+task parsing structured reply chunks with ``struct`` and ``readv``, no checks): the floor of the
+network half of a cold read, which bench/compare.py reports beside the no-op pyfuse3 one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import struct
 import time
 
 import trio
 
-from nbdfs.connection import Connection
+from nbdfs.connection import Connection, _handshake
 from nbdfs.mount import tune_malloc
 from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
 
+REQUEST = struct.Struct(">IHHQQI")
+CHUNK = struct.Struct(">IHHQI")  # a structured reply chunk's header (nbdfs negotiates them)
 
-async def measure(uri: str, size: int, depth: int, count: int) -> None:
+
+async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:
+    """Seconds and CPU seconds for ``count`` reads by the minimal client."""
+    target = parse_target(uri)
+    stream, session = await _handshake(target, TlsConfig(), lambda hs: hs.go(target.export or ""))
+    assert isinstance(stream, trio.SocketStream)
+    sock = stream.socket
+    fd = sock.fileno()
+    blocks = (session.export.size or 0) // size
+    waiting: dict[int, trio.Event] = {}
+    header = bytearray(CHUNK.size)
+    payload = memoryview(bytearray(size + 8))  # (OFFSET_DATA: offset, then the data)
+
+    async def receive_exactly(view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                got += os.readv(fd, (view[got:],))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+
+    async def reader() -> None:
+        while True:
+            await receive_exactly(memoryview(header))
+            _, flags, _, cookie, length = CHUNK.unpack(header)
+            await receive_exactly(payload[:length])
+            if flags & 1:  # NBD_REPLY_FLAG_DONE
+                waiting.pop(cookie).set()
+
+    async def worker(first: int) -> None:
+        for cookie in range(first, count, depth):
+            done = waiting[cookie] = trio.Event()
+            offset = random.randrange(blocks) * size
+            os.write(fd, REQUEST.pack(0x25609513, 0, 0, cookie, offset, size))
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        start, cpu = time.perf_counter(), time.process_time()
+        async with trio.open_nursery() as workers:
+            for i in range(depth):
+                workers.start_soon(worker, i)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        nursery.cancel_scope.cancel()
+    await trio.aclose_forcefully(stream)
+    return elapsed, cpu
+
+
+async def measure(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:
+    """Seconds and CPU seconds for ``count`` reads through nbdfs's Connection."""
     target = parse_target(uri)
     async with trio.open_nursery() as nursery:
         conn = await Connection.open(target, target.export or "", TlsConfig(), nursery)
@@ -33,17 +91,14 @@ async def measure(uri: str, size: int, depth: int, count: int) -> None:
             for _ in range(count // depth):
                 await conn.read(random.randrange(blocks) * size, size)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as workers:
             for _ in range(depth):
                 workers.start_soon(worker)
-        elapsed = time.perf_counter() - start
-        print(
-            f"size {size:>8} depth {depth:>3}: {count / elapsed:8.0f} reads/s,"
-            f" {elapsed / count * depth * 1e6:6.0f} us each"
-        )
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         await conn.aclose()
         nursery.cancel_scope.cancel()
+    return elapsed, cpu
 
 
 def main() -> None:
@@ -54,11 +109,19 @@ def main() -> None:
     ap.add_argument("--size", default="4096,32768", help="read sizes, comma-separated")
     ap.add_argument("--depth", default="1,16", help="reads in flight, comma-separated")
     ap.add_argument("--count", type=int, default=5000, help="reads per figure")
+    ap.add_argument("--minimal", action="store_true", help="the minimal client (the floor)")
     args = ap.parse_args()
     tune_malloc()  # as the daemon does
     for size in map(int, args.size.split(",")):
         for depth in map(int, args.depth.split(",")):
-            trio.run(measure, args.uri, size, depth, args.count)
+            elapsed, cpu = trio.run(
+                minimal if args.minimal else measure, args.uri, size, depth, args.count
+            )
+            print(
+                f"size {size:>8} depth {depth:>3}: {args.count / elapsed:8.0f} reads/s,"
+                f" {elapsed / args.count * depth * 1e6:6.0f} us each,"
+                f" CPU {cpu / args.count * 1e6:5.1f} us per read"
+            )
 
 
 if __name__ == "__main__":

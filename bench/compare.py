@@ -1,25 +1,34 @@
 #!/usr/bin/env python3
-"""nbdfs vs nbdfuse on the same nbdkit server, side by side, in one run.
+"""nbdfs vs nbdfuse on the same nbdkit server, side by side, in one run, in four profiles.
 
     sudo .venv/bin/python bench/compare.py [--size 1G] [--rounds 3] [--runtime 8]
-                                           [--only TEXT] [--rate BITS] [--delay MS]
+        [--profile loopback|link|tls|tls-link ...] [--only TEXT] [--delay MS] [--rate BITS]
 
-Starts one nbdkit memory server filled with random data, then for each round mounts it
-with nbdfuse and with nbdfs (fresh mounts, page cache dropped before every cold figure)
-and measures, alternating the two: sequential read (dd bs=1M), sequential write + fsync
-(dd conv=fsync), 4 KiB random read at queue depth 1 and 16 (fio, O_DIRECT), a warm
-re-read of a 64 MiB working set (fio, O_DIRECT, after one pass), and nbdcopy to
-/dev/null as the raw NBD ceiling. Prints medians and the nbdfs/nbdfuse ratio per row,
-nbdfs's peak RSS and CPU seconds per GiB moved, and writes docs/bench.png (matplotlib,
-installed on demand) and docs/bench.md.
+For each profile, one nbdkit memory server filled with random data: *loopback*; *link*,
+behind nbdkit's delay filter (every read and write answered 1 ms later); *tls* and
+*tls-link*, the same with TLS required of both tools (certificates from nbdfs tls-init;
+libnbd takes root's from /etc/pki/libnbd, which the run fills and restores). Each round
+mounts the server with nbdfuse and with nbdfs (fresh mounts, page cache dropped before
+every cold figure), alternating who goes first, and measures: sequential read (dd bs=1M),
+sequential write + fsync (dd conv=fsync), 4 KiB random read at queue depth 1 and 16
+(fio, O_DIRECT, whole export), a warm re-read of a 64 MiB working set, and nbdcopy to
+null as the raw NBD ceiling. In the loopback profile also the two floors: a pyfuse3 file
+system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD client
+(bench/client_latency.py --minimal).
 
-Needs root (to drop the page cache), nbdkit, nbdfuse, nbdcopy, fio.
+Prints one table per profile: medians, the nbdfs/nbdfuse ratio and its range over the
+rounds, the issue's target for the row, the daemons' CPU per request or MiB, the floors,
+nbdfs's peak RSS and CPU seconds per GiB. A full run (all four profiles, no --only)
+writes docs/bench.md and docs/bench.png (matplotlib, installed on demand).
+
+Needs root (page cache, /etc/pki/libnbd), nbdkit, nbdfuse, nbdcopy, fio.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -253,6 +262,141 @@ def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    title: str
+    delay_ms: float | None  # nbdkit's delay filter on reads and writes: a distant server
+    tls: bool
+    targets: dict[str, float]  # row -> the nbdfs/nbdfuse ratio to reach (issue: round 2)
+
+
+LOOPBACK_TARGETS = {"seq read": 1.5, "seq write": 1.0, "QD1": 0.7, "QD16": 0.6, "warm": 1.5}
+LINK_TARGETS = {"seq read": 3.0, "seq write": 1.5, "QD1": 1.0, "QD16": 2.0, "warm": 20.0}
+PROFILES = {
+    "loopback": Profile("loopback", "loopback (nbdkit memory)", None, False, LOOPBACK_TARGETS),
+    "link": Profile("link", "1 ms link (nbdkit delay filter)", 1.0, False, LINK_TARGETS),
+    "tls": Profile("tls", "TLS, loopback", None, True, LOOPBACK_TARGETS),
+    "tls-link": Profile("tls-link", "TLS, 1 ms link", 1.0, True, LINK_TARGETS),
+}
+
+
+def target_for(profile: Profile, row: str) -> float | None:
+    keys = sorted(profile.targets, key=len, reverse=True)  # ("QD16" before "QD1")
+    return next((profile.targets[k] for k in keys if k in row), None)
+
+
+@dataclasses.dataclass
+class Results:
+    values: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    units: dict[str, str] = dataclasses.field(default_factory=dict)
+    # row -> tool -> CPU microseconds per request (IOPS rows) or per MiB (MB/s rows)
+    cpu: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    rss: list[int] = dataclasses.field(default_factory=list)
+    cpu_per_gib: list[float] = dataclasses.field(default_factory=list)
+    minimal_client: list[float] = dataclasses.field(default_factory=list)  # CPU us per read
+
+
+@contextlib.contextmanager
+def libnbd_certificates(pki: Path) -> Iterator[None]:
+    """nbdfuse and nbdcopy (libnbd) take root's certificates from /etc/pki/libnbd only: put
+    the run's there, and put back whatever was there before."""
+    home = Path("/etc/pki/libnbd")
+    saved = home.with_name("libnbd.bench-saved")
+    if home.exists():
+        home.rename(saved)
+    home.mkdir(parents=True)
+    try:
+        for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+            shutil.copy2(pki / name, home / name)
+        yield
+    finally:
+        shutil.rmtree(home)
+        if saved.exists():
+            saved.rename(home)
+
+
+def minimal_client_cpu(uri: str) -> float:
+    """CPU microseconds per 4 KiB read at depth 16 of bench/client_latency.py --minimal."""
+    out = sh(
+        sys.executable,
+        str(ROOT / "bench" / "client_latency.py"),
+        uri,
+        "--size",
+        "4096",
+        "--depth",
+        "16",
+        "--count",
+        "20000",
+        "--minimal",
+        cwd=ROOT,
+    )
+    m = re.search(r"CPU\s+([\d.]+) us per read", out)
+    assert m, out
+    return float(m.group(1))
+
+
+def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Path) -> Results:
+    size = parse_size(args.size)
+    res = Results()
+    pki = make_pki(work) if profile.tls and not (work / "pki").exists() else work / "pki"
+    extra = list(args.nbdfs_option) + (["--tls-certificates", str(pki)] if profile.tls else [])
+    certificates = libnbd_certificates(pki) if profile.tls else contextlib.nullcontext()
+    ceiling_too = args.ceiling and profile.delay_ms is None and not profile.tls
+    with (
+        certificates,
+        server(size, work, args.rate, profile.delay_ms, pki if profile.tls else None) as uri,
+    ):
+        for r in range(args.rounds):
+            start = time.monotonic()
+            sh("nbdcopy", uri, "null:")
+            res.values.setdefault(RAW, {}).setdefault("nbdcopy", []).append(
+                size / (time.monotonic() - start) / 1e6
+            )
+            res.units[RAW] = "MB/s"
+            if ceiling_too:
+                res.minimal_client.append(minimal_client_cpu(uri))
+            for name, unit, measure in rows(size, args.runtime, rnd):
+                if args.only and args.only not in name:
+                    continue
+                res.units[name] = unit
+                order: list[tuple[str, Callable[..., Any], tuple[object, ...]]] = [
+                    ("nbdfuse", nbdfuse, ()),
+                    ("nbdfs", nbdfs, (extra,)),
+                ]
+                if ceiling_too:
+                    order.append((NOOP, ceiling, (size,)))
+                if r % 2:
+                    order.reverse()  # alternate who goes first
+                for tool, mount, more in order:
+                    drop_caches()
+                    mnt = work / {"nbdfuse": "a", "nbdfs": "b"}.get(tool, "c")
+                    with mount(uri, mnt, *more) as (path, pid):
+                        cpu0, _ = proc_stats(pid)
+                        value = measure(path)
+                        cpu1, hwm = proc_stats(pid)
+                    res.values.setdefault(name, {}).setdefault(tool, []).append(value)
+                    if unit == "MB/s":
+                        moved = size if "read" in name else min(size, 256 * MiB)
+                        per = (cpu1 - cpu0) / (moved / MiB) * 1e6
+                    else:
+                        per = (cpu1 - cpu0) / (value * args.runtime) * 1e6
+                    res.cpu.setdefault(name, {}).setdefault(tool, []).append(per)
+                    if tool == "nbdfs":
+                        res.rss.append(hwm)
+                        if unit == "MB/s":
+                            res.cpu_per_gib.append(per * 1024 / 1e6)
+                    print(
+                        f"{profile.name} round {r + 1}: {name:28} {tool:13} {value:10.1f} {unit}",
+                        flush=True,
+                    )
+    return res
+
+
+RAW = "nbdcopy to null (raw NBD)"
+NOOP = "no-op pyfuse3"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -264,23 +408,29 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio figure (default 8)")
     ap.add_argument("--nbdfs-option", action="append", default=[], help="extra nbdfs mount option")
     ap.add_argument(
+        "--profile",
+        action="append",
+        choices=list(PROFILES),
+        help="run this profile (repeatable; default: all four, and write docs/bench.md)",
+    )
+    ap.add_argument(
         "--rate",
         metavar="BITS",
-        help="serve through nbdkit's rate filter, as over a link of BITS/s (e.g. 1G);"
+        help="also serve through nbdkit's rate filter, as over a link of BITS/s (e.g. 1G);"
         " shows what the bytes each tool fetches cost; no files written",
     )
     ap.add_argument(
         "--delay",
         type=float,
         metavar="MS",
-        help="serve through nbdkit's delay filter: every read and write answered MS later,"
-        " as from a distant server; no files written",
+        help="the link profiles' delay (default 1 ms); no files written if not 1",
     )
     ap.add_argument(
-        "--ceiling",
-        action="store_true",
-        help="also measure a pyfuse3 file system that does nothing (bench/pyfuse3_ceiling.py):"
-        " the fastest any pyfuse3 daemon can be here",
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip the floors of the loopback profile (the no-op pyfuse3 file system,"
+        " bench/pyfuse3_ceiling.py, and the minimal client of bench/client_latency.py)",
     )
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument(
@@ -294,127 +444,98 @@ def main() -> None:
     for tool in ("nbdkit", "nbdfuse", "nbdcopy", "fio"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: run scripts/install")
+    profiles = [PROFILES[p] for p in args.profile or PROFILES]
+    if args.delay is not None:
+        profiles = [
+            dataclasses.replace(p, delay_ms=args.delay) if p.delay_ms else p for p in profiles
+        ]
     size = parse_size(args.size)
-    results: dict[str, dict[str, list[float]]] = {}
-    units: dict[str, str] = {}
-    rss: list[int] = []
-    cpu_per_gib: list[float] = []
+    sections = []
+    results: dict[str, Results] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for sub in "abc":
             (work / sub).mkdir()
         rnd = work / "write.img"
-        sh(
-            "dd",
-            "if=/dev/urandom",
-            f"of={rnd}",
-            "bs=1M",
-            f"count={min(size // MiB, 256)}",
-            "status=none",
-        )
-        with server(size, work, args.rate, args.delay) as uri:
-            for r in range(args.rounds):
-                raw = []
-                for _ in range(1):
-                    start = time.monotonic()
-                    sh("nbdcopy", uri, "null:")
-                    raw.append(size / (time.monotonic() - start) / 1e6)
-                results.setdefault("nbdcopy to null (raw NBD)", {}).setdefault(
-                    "nbdcopy", []
-                ).extend(raw)
-                units["nbdcopy to null (raw NBD)"] = "MB/s"
-                for name, unit, measure in rows(size, args.runtime, rnd):
-                    if args.only and args.only not in name:
-                        continue
-                    units[name] = unit
-                    order: list[tuple[str, Callable[..., Any], tuple[object, ...]]] = [
-                        ("nbdfuse", nbdfuse, ()),
-                        ("nbdfs", nbdfs, (args.nbdfs_option,)),
-                    ]
-                    if args.ceiling:
-                        order.append(("no-op pyfuse3", ceiling, (size,)))
-                    if r % 2:
-                        order.reverse()  # alternate who goes first
-                    for tool, mount, extra in order:
-                        drop_caches()
-                        mnt = work / {"nbdfuse": "a", "nbdfs": "b"}.get(tool, "c")
-                        with mount(uri, mnt, *extra) as (path, pid):
-                            cpu0, _ = proc_stats(pid)
-                            value = measure(path)
-                            cpu1, hwm = proc_stats(pid)
-                        results.setdefault(name, {}).setdefault(tool, []).append(value)
-                        if tool == "nbdfs":
-                            rss.append(hwm)
-                            if unit == "MB/s":
-                                moved = size if "read" in name else min(size, 256 * MiB)
-                                cpu_per_gib.append((cpu1 - cpu0) / (moved / (1 << 30)))
-                        print(f"round {r + 1}: {name:30} {tool:8} {value:12.1f} {unit}", flush=True)
-    if args.only or args.rate or args.delay:
-        for name, per in results.items():
-            a, b = (statistics.median(per.get(t, [0])) for t in ("nbdfuse", "nbdfs"))
-            if a and b:
-                print(
-                    f"{name}: nbdfuse {a:.0f}, nbdfs {b:.0f}, ratio {b / a:.2f}"
-                    f" (rounds {_spread(per)}){_ceiling_text(per)}"
-                )
+        sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
+        for profile in profiles:
+            results[profile.name] = res = run_profile(profile, args, work, rnd)
+            sections.append(report(profile, res, args.rounds))
+            print("\n" + sections[-1] + "\n", flush=True)
+    partial = args.only or args.rate or args.profile or (args.delay not in (None, 1.0))
+    if partial:
         return
-    table = report(results, units, rss, cpu_per_gib)
-    print()
-    print(table)
+    head = (
+        f"# nbdfs vs nbdfuse\n\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs,"
+        f" `bench/compare.py --size {args.size} --rounds {args.rounds} --runtime"
+        f" {args.runtime}`: medians of {args.rounds} rounds; every cold figure from a fresh"
+        " mount with the page cache dropped.\n"
+    )
+    notes = (
+        "\n- *range*: the lowest and highest nbdfs/nbdfuse ratio of one round (the tools"
+        " measured back to back): how much of a ratio is noise.\n"
+        "- *target*: the ratio the performance issue sets for the row; *CPU*: the daemon's"
+        " CPU time per request (IOPS rows) or per MiB (MB/s rows), nbdfs then nbdfuse.\n"
+        f"- *{NOOP}*: bench/pyfuse3_ceiling.py, a pyfuse3 file system that answers from memory"
+        " without any network, as a ratio to nbdfuse: the most any pyfuse3 daemon reaches"
+        " on this machine.\n"
+    )
     (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "bench.md").write_text(table + "\n")
+    (ROOT / "docs" / "bench.md").write_text(head + "\n" + "\n\n".join(sections) + "\n" + notes)
     if not args.no_chart:
-        chart(results, units, ROOT / "docs" / "bench.png")
+        chart({p.name: results[p.name] for p in profiles}, profiles, ROOT / "docs" / "bench.png")
 
 
-def report(
-    results: dict[str, dict[str, list[float]]],
-    units: dict[str, str],
-    rss: list[int],
-    cpu: list[float],
-) -> str:
+def report(profile: Profile, res: Results, rounds: int) -> str:
+    noop = any(NOOP in per for per in res.values.values())
     lines = [
-        f"nbdfs vs nbdfuse, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, medians of {len(rss) // 5 or 1} rounds",
+        f"## {profile.title}",
         "",
-        "| workload | unit | nbdfuse | nbdfs | nbdfs/nbdfuse | range over rounds |",
-        "|---|---|---:|---:|---:|---:|",
+        "| workload | unit | nbdfuse | nbdfs | nbdfs/nbdfuse | range | target | met |"
+        " CPU nbdfs, nbdfuse |" + (f" {NOOP} / nbdfuse |" if noop else ""),
+        "|---|---|---:|---:|---:|---:|---:|:-:|---:|" + ("---:|" if noop else ""),
     ]
-    noop = any("no-op pyfuse3" in per for per in results.values())
-    if noop:
-        lines[-2] += " no-op pyfuse3 / nbdfuse |"
-        lines[-1] += "---:|"
-    raw = statistics.median(results.get("nbdcopy to null (raw NBD)", {}).get("nbdcopy", [0]))
-    for name, per in results.items():
-        if "nbdcopy" in per:
-            lines.append(f"| {name} | MB/s | | | raw ceiling {raw:.0f} | |" + " |" * noop)
+    raw = statistics.median(res.values.get(RAW, {}).get("nbdcopy", [0]))
+    for name, per in res.values.items():
+        if name == RAW:
             continue
         a, b = statistics.median(per["nbdfuse"]), statistics.median(per["nbdfs"])
-        line = f"| {name} | {units[name]} | {a:.0f} | {b:.0f} | {b / a:.2f} | {_spread(per)} |"
+        target = target_for(profile, name)
+        met = "" if target is None else ("yes" if b / a >= target else "**no**")
+        ca, cb = (statistics.median(res.cpu[name][t]) for t in ("nbdfuse", "nbdfs"))
+        line = (
+            f"| {name} | {res.units[name]} | {a:.0f} | {b:.0f} | {b / a:.2f} | {_spread(per)} |"
+            f" {'' if target is None else f'{target:g}'} | {met} | {cb:.0f}, {ca:.0f} |"
+        )
         if noop:
-            line += f" {statistics.median(per.get('no-op pyfuse3', [0])) / a:.2f} |"
+            line += f" {statistics.median(per.get(NOOP, [0])) / a:.2f} |"
         lines.append(line)
-    seq = statistics.median(results["seq read (dd 1M, cold)"]["nbdfs"])
-    lines += [
-        "",
-        f"- nbdfs sequential read is {seq / raw:.0%} of the raw nbdcopy figure.",
-        f"- nbdfs peak RSS: {max(rss) / MiB:.0f} MiB.",
-        f"- nbdfs CPU time per GiB moved (sequential rows): {statistics.median(cpu):.2f} s.",
-        "- Range: the lowest and highest nbdfs/nbdfuse ratio of one round (the two tools",
-        "  measured back to back), which shows how much of a ratio is noise.",
-    ]
-    if noop:
-        lines += [
-            "- No-op pyfuse3: bench/pyfuse3_ceiling.py, a pyfuse3 file system that answers from",
-            "  memory without any network: the most any pyfuse3 daemon can reach on this machine.",
-        ]
+    lines.append("")
+    seq = res.values.get("seq read (dd 1M, cold)", {}).get("nbdfs")
+    if seq and raw:
+        lines.append(
+            f"- Raw NBD ceiling (nbdcopy to null): {raw:.0f} MB/s; nbdfs sequential read is"
+            f" {statistics.median(seq) / raw:.0%} of it (target: at least 50%)."
+        )
+    qd16 = "4K rand read QD16 (cold)"
+    if res.minimal_client and qd16 in res.cpu and NOOP in res.cpu[qd16]:
+        floor_fs = statistics.median(res.cpu[qd16][NOOP])
+        floor_client = statistics.median(res.minimal_client)
+        ours = statistics.median(res.cpu[qd16]["nbdfs"])
+        bound = 1.3 * (floor_fs + floor_client)
+        lines.append(
+            f"- CPU per cold 4 KiB read at QD16: nbdfs {ours:.0f} us; floors: the no-op pyfuse3"
+            f" file system {floor_fs:.0f} us + a minimal trio NBD client (bench/client_latency.py"
+            f" --minimal) {floor_client:.0f} us; target at most 1.3x their sum, {bound:.0f} us:"
+            f" {'met' if ours <= bound else '**not met**'}."
+        )
+    if res.rss and res.cpu_per_gib:
+        lines.append(
+            f"- nbdfs peak RSS {max(res.rss) / MiB:.0f} MiB (cache 256 MiB; target at most"
+            f" cache + 80 MiB); CPU seconds per GiB moved (sequential rows):"
+            f" {statistics.median(res.cpu_per_gib):.2f}."
+        )
     return "\n".join(lines)
-
-
-def _ceiling_text(per: dict[str, list[float]]) -> str:
-    if "no-op pyfuse3" not in per:
-        return ""
-    c, a = statistics.median(per["no-op pyfuse3"]), statistics.median(per["nbdfuse"])
-    return f"; no-op pyfuse3 {c:.0f}, {c / a:.2f}x nbdfuse"
 
 
 def _spread(per: dict[str, list[float]]) -> str:
@@ -422,29 +543,34 @@ def _spread(per: dict[str, list[float]]) -> str:
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
 
 
-def chart(results: dict[str, dict[str, list[float]]], units: dict[str, str], out: Path) -> None:
+def chart(results: dict[str, Results], profiles: list[Profile], out: Path) -> None:
+    """One panel per profile: nbdfs/nbdfuse per row, with the row's target marked."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=True)
         import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    names = [n for n in results if "nbdcopy" not in results[n]]
-    ratios = [
-        statistics.median(results[n]["nbdfs"]) / statistics.median(results[n]["nbdfuse"])
-        for n in names
-    ]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    bars = ax.barh(names, ratios, color=["#2a7" if r >= 1 else "#c44" for r in ratios])
-    ax.axvline(1.0, color="black", linewidth=1)
-    ax.bar_label(bars, labels=[f"{r:.2f}x" for r in ratios], padding=3)
-    ax.set_xlabel("nbdfs / nbdfuse (higher is better)")
-    ax.invert_yaxis()
+    fig, axes = plt.subplots(len(profiles), 1, figsize=(8, 2.4 * len(profiles)), squeeze=False)
+    for ax, profile in zip(axes[:, 0], profiles, strict=True):
+        res = results[profile.name]
+        names = [n for n in res.values if n != RAW]
+        ratios = [
+            statistics.median(res.values[n]["nbdfs"]) / statistics.median(res.values[n]["nbdfuse"])
+            for n in names
+        ]
+        targets = [target_for(profile, n) or 0.0 for n in names]
+        colours = ["#2a7" if r >= t else "#c44" for r, t in zip(ratios, targets, strict=True)]
+        bars = ax.barh(names, ratios, color=colours)
+        ax.scatter(targets, names, marker="|", s=300, color="black", zorder=3, label="target")
+        ax.axvline(1.0, color="grey", linewidth=0.8)
+        ax.bar_label(bars, labels=[f"{r:.2f}x" for r in ratios], padding=3)
+        ax.set_title(profile.title, fontsize=10, loc="left")
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+    axes[-1, 0].set_xlabel("nbdfs / nbdfuse (higher is better; | marks the target)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
