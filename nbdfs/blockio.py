@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CHANGE_MAX = 1 << 30  # bytes per NBD_CMD_TRIM / WRITE_ZEROES (lengths are 32-bit)
 STATUS_MAX = 1 << 30  # bytes asked about per NBD_CMD_BLOCK_STATUS
+ALLOCATED_MAX_ASKS = 32  # block status requests one allocation count may take, at most
 
 READAHEAD_MAX = 8 * 1024 * 1024  # how far ahead a sequential reader is served
 
@@ -141,6 +142,8 @@ class ExportIO:
         self._allocation = session is not None and META_CONTEXT_ALLOCATION in session.meta_contexts
         self.bytes_read = self.bytes_written = 0
         self.extents = Extents()  # what block status said, for lseek
+        # (start, end) -> (extents generation, bytes allocated): for st_blocks
+        self._allocated: dict[tuple[int, int], tuple[int, int]] = {}
         pool.verify = self._same_disk
 
     @classmethod
@@ -570,6 +573,39 @@ class ExportIO:
                     return max(start, pos)
                 pos = end
         return None if data else self.size
+
+    async def allocated(self, start: int, end: int) -> int | None:
+        """How many of bytes ``start`` to ``end`` hold data, as block status says (holes
+        excluded); None if the server cannot say, or would need more than
+        ALLOCATED_MAX_ASKS requests to. From the :class:`Extents` map, which writes, trims
+        and zeroes keep true: after a change only what it touched is asked again."""
+        if not self._allocation:
+            return None
+        key = (start, end)
+        known = self._allocated.get(key)
+        if known is not None and known[0] == self.extents.generation:
+            return known[1]
+        generation = self.extents.generation
+        data, pos, asks = 0, start, 0
+        while pos < end:
+            found = self.extents.find(pos)
+            if found is not None:
+                spans = [(pos, *found)]
+            else:
+                asks += 1
+                asked = await self._block_status(pos) if asks <= ALLOCATED_MAX_ASKS else None
+                if asked is None or asked[-1][1] <= pos:
+                    return None
+                spans = asked
+            for s, e, hole in spans:
+                if e > pos:
+                    e = min(e, end)
+                    data += 0 if hole else e - max(s, pos)
+                    pos = e
+        if len(self._allocated) > 64:  # (one key per file: the export and its partitions)
+            self._allocated.clear()
+        self._allocated[key] = (generation, data)  # (stale at once if a change came meanwhile)
+        return data
 
     async def _block_status(self, pos: int) -> list[tuple[int, int, bool]] | None:
         """What the server says of the allocation from ``pos`` on: (start, end, hole)."""

@@ -78,6 +78,7 @@ class Node:
     window: Partition | None = None  # a partition file: this part of ``disk``'s export
     disk: Node | None = None
     partitions: list[Node] = field(default_factory=list)  # of an export, with --partitions
+    allocated: int | None = None  # bytes holding data, as block status said (st_blocks)
 
     @property
     def size(self) -> int:
@@ -360,8 +361,26 @@ class NbdFs(pyfuse3.Operations):
             attr.st_size = node.size
             block = node.export.block_size
             attr.st_blksize = max(block.preferred if block else 4096, 4096)
-            attr.st_blocks = (attr.st_size + 511) // 512
+            # What the server has allocated, once known (so cp --sparse and tar -S look for
+            # holes, and du tells a thin export's use); otherwise all of it.
+            used = attr.st_size if node.allocated is None else node.allocated
+            attr.st_blocks = (used + 511) // 512
         return attr
+
+    async def _count_allocation(self, node: Node) -> bool:
+        """Ask (through the extents map) how much of a connected export file holds data;
+        whether the figure changed. Never connects: a stat of an unused file stays free."""
+        disk, start = node.on_disk(0)
+        if disk.io is None:
+            return False
+        try:
+            allocated = await disk.io.allocated(start, start + node.size)
+        except NbdError as exc:  # (st_blocks is an estimate: the full size will do)
+            log.info("%r: cannot count its allocation: %s", node.name, exc)
+            allocated = None
+        changed = allocated != node.allocated
+        node.allocated = allocated
+        return changed
 
     async def _io(self, node: Node) -> ExportIO:
         """The export's I/O object, built (and connected) on the export's first use."""
@@ -407,7 +426,10 @@ class NbdFs(pyfuse3.Operations):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._attr(self._node(inode))
+        node = self._node(inode)
+        if node.export is not None:
+            await self._count_allocation(node)
+        return self._attr(node)
 
     async def setattr(
         self,
@@ -470,6 +492,17 @@ class NbdFs(pyfuse3.Operations):
         # O_TRUNC is ignored, as a block device ignores it: `cp img FILE` or `dd of=FILE`
         # overwrite the start of the export and leave the rest. An explicit truncate to
         # another size is refused in setattr.
+        # Connect now (the first read would), and count the allocation: the kernel answers
+        # the fstat that follows (cp, tar) from attributes cached at lookup, so they are
+        # invalidated if st_blocks is not what it was told.
+        # (Open itself never fails for it: an unreachable server is the first read's error.)
+        disk, _ = node.on_disk(0)
+        try:
+            await self._io(disk)
+        except NbdError as exc:
+            log.info("%r: not connected at open: %s", node.name, exc)
+        if await self._count_allocation(node):
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(inode), attr_only=True)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(node, bool(flags & (os.O_SYNC | os.O_DSYNC)), writable)

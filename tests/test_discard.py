@@ -215,8 +215,7 @@ def test_seek_data_and_seek_hole_match_nbdinfo_map(tmp_path: Path, server: str) 
 
 def test_qemu_img_convert_of_a_mostly_empty_export_reads_only_its_data(tmp_path: Path) -> None:
     """qemu-img asks SEEK_DATA/SEEK_HOLE of a raw file, so a 1 GiB export holding 1 MiB of
-    data costs about 1 MiB from the server. (cp --sparse and tar -S first look at st_blocks,
-    which nbdfs reports as fully allocated: getattr does not ask the server.)"""
+    data costs about 1 MiB from the server."""
     with logged_memory(tmp_path, "1G", "--cache-size=0") as (mnt, log):
         fd = os.open(mnt / "%default%", os.O_RDWR | os.O_DIRECT)
         try:
@@ -237,6 +236,41 @@ def test_qemu_img_convert_of_a_mostly_empty_export_reads_only_its_data(tmp_path:
     with open(copy, "rb") as f:
         f.seek(512 * MiB)
         assert f.read(MiB) == bytes(buf)
+
+
+def test_cp_sparse_and_du_see_the_allocation_block_status_reports(tmp_path: Path) -> None:
+    """cp --sparse and tar -S seek for data only in a file whose st_blocks says it is
+    sparse: nbdfs reports the allocated bytes block status gives, from the moment the file
+    is opened, kept true by writes and trims. A 1 GiB export holding 2 MiB of data then
+    costs cp about 2 MiB from the server, and du shows 2 MiB."""
+    with logged_memory(tmp_path, "1G") as (mnt, log):
+        path = mnt / "%default%"
+        data = os.urandom(MiB)
+        with open(path, "r+b") as f:
+            for offset in (0, 700 * MiB):
+                f.seek(offset)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        assert os.stat(path).st_blocks * 512 == 2 * MiB
+        before = sum(n for _, n, _ in events(log, "Read"))
+        copy = tmp_path / "copy.img"
+        subprocess.run(["cp", "--sparse=always", str(path), str(copy)], check=True)
+        read = sum(n for _, n, _ in events(log, "Read")) - before
+        assert read < 16 * MiB, f"cp read {read} bytes for 2 MiB of data"
+        assert copy.stat().st_blocks * 512 < 4 * MiB  # (its holes are holes)
+        with open(copy, "rb") as f:
+            f.seek(700 * MiB)
+            assert f.read(MiB) == data
+        # A trim gives the space back, and du sees it at once.
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 0, MiB)
+            assert os.fstat(fd).st_blocks * 512 == MiB
+        finally:
+            os.close(fd)
+        du = subprocess.run(["du", "-B1", str(path)], capture_output=True, text=True, check=True)
+        assert du.stdout.split()[0] == str(MiB)
 
 
 def test_a_server_without_trim_zeroes_or_block_status(tmp_path: Path) -> None:
