@@ -180,12 +180,14 @@ class ExportPool:
         return self._journal.overlaps(start, end)
 
     def _max_connections(self) -> int:
-        if self.export is None:
-            return 1  # (the first connection tells us the flags)
-        if self._most is None:  # (an enum flag test costs a microsecond per request)
-            multi = bool(self.export.flags & TransmissionFlag.CAN_MULTI_CONN)
-            self._most = self.limit if multi else 1
-        return self._most
+        most = self._most  # (per request: an enum flag test, or a property, costs)
+        if most is None:
+            export = self.export
+            if export is None:
+                return 1  # (the first connection tells us the flags)
+            multi = bool(export.flags & TransmissionFlag.CAN_MULTI_CONN)
+            most = self._most = self.limit if multi else 1
+        return most
 
     def _prune(self) -> None:
         for conn in [c for c in self._conns if not c.usable]:
