@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         " safe only while nothing else writes to the exports (see nbdfs(1))",
     )
     p_mount.add_argument(
+        "--writeback-cache",
+        action="store_true",
+        help="let the kernel cache buffered writes and send them in the background, many at"
+        " once (faster over a link); a write then returns before the server has it, and its"
+        " errors (ENOSPC past the end) come at fsync or close (see nbdfs(1))",
+    )
+    p_mount.add_argument(
         "--partitions",
         action="store_true",
         help="also show each partition of an export (MBR, logical, GPT) as a file NAME.p1,"
@@ -201,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: the ones above as name=value (ro, kernel_cache, partitions, connections=N,"
+        help="mount options: the ones above as name=value (ro, kernel_cache, writeback_cache, partitions, connections=N,"
         " cache_size=SIZE, timeout=S, poll_max=US, tls=MODE, tls_certificates=DIR), or FUSE"
         " options such as allow_other",
     )
@@ -523,6 +530,8 @@ _OPTION_KEYS = {
     "readonly": "readonly",
     "kernel_cache": "kernel_cache",
     "kernel-cache": "kernel_cache",
+    "writeback_cache": "writeback_cache",
+    "writeback-cache": "writeback_cache",
     "partitions": "partitions",
     "connections": "connections",
     "cache_size": "cache_size",
@@ -565,7 +574,7 @@ def split_mount_options(args: argparse.Namespace) -> set[str]:
                 if key not in _IGNORED and not key.startswith("x-"):
                     fuse.add(opt)
                 continue
-            if attr in ("readonly", "kernel_cache", "partitions"):  # flags
+            if attr in ("readonly", "kernel_cache", "writeback_cache", "partitions"):  # flags
                 setattr(args, attr, True)
             elif getattr(args, attr) is None:
                 if not value:
@@ -624,6 +633,7 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
         tls=tls_config(args, target),
         readonly=args.readonly,
         kernel_cache=args.kernel_cache,
+        writeback_cache=args.writeback_cache,
         partitions=args.partitions,
         connections=connections,
         cache_size=cache,

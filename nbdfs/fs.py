@@ -56,6 +56,7 @@ class MountConfig:
     tls: TlsConfig
     readonly: bool = False
     kernel_cache: bool = False  # keep the page cache across opens (nbdfs the only writer)
+    writeback_cache: bool = False  # the kernel caches buffered writes, sends them later
     connections: int = DEFAULT_CONNECTIONS
     cache_size: int = DEFAULT_CACHE_SIZE
     timeout: float = DEFAULT_TIMEOUT
@@ -195,6 +196,8 @@ class NbdFs(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.config = config
+        # (read by pyfuse3 at FUSE INIT: the kernel then owns buffered writes until writeback)
+        self.enable_writeback_cache = config.writeback_cache
         self._nursery = nursery
         self._nodes: dict[int, Node] = {}
         self._handles: dict[int, Handle] = {}
