@@ -133,20 +133,10 @@ class TlsSocketStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"TLS receive failed: {exc}") from exc
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        while True:
-            self._check_open()
-            try:
-                return self.ssl.recv(max_bytes or _RECEIVE_SIZE)
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self.ssl)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self.ssl)
-            except ssl.SSLZeroReturnError:
-                return b""
-            except ssl.SSLEOFError:  # (no TLS alert: nothing to explain but the hang-up)
-                raise trio.BrokenResourceError("server closed the TLS connection") from None
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"TLS receive failed: {exc}") from exc
+        """(The handshake's receive: a copy, unlike :meth:`receive_into`.)"""
+        buf = bytearray(max_bytes or _RECEIVE_SIZE)
+        n = await self.receive_into(buf)
+        return bytes(buf[:n])
 
     def _check_open(self) -> None:
         if self.ssl.fileno() < 0:
