@@ -56,9 +56,9 @@ class Restartable:
 
 
 @contextlib.contextmanager
-def writeback(exports: Path) -> Iterator[Restartable]:
+def writeback(exports: Path, *tls: str) -> Iterator[Restartable]:
     """nbdkit whose cache holds writes until NBD_CMD_FLUSH: a restart loses them."""
-    srv = Restartable("--filter=cache", "file", f"dir={exports}", "cache=writeback")
+    srv = Restartable(*tls, "--filter=cache", "file", f"dir={exports}", "cache=writeback")
     try:
         yield srv
     finally:
@@ -87,14 +87,24 @@ def test_unflushed_writes_survive_a_server_restart(tmp: Path) -> None:
         assert b"replaying" in (tmp / "mnt.log").read_bytes()
 
 
-def test_server_killed_mid_write_and_restarted(tmp: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_server_killed_mid_write_and_restarted(tmp: Path, tls: bool) -> None:
+    """Over TLS too: the sessions (ssl.SSLSocket on the descriptor) break mid-record, and
+    new ones replay the journal."""
     exports = make_disk(tmp, 64 * MiB)
     data = os.urandom(48 * MiB)
     errors: list[BaseException] = []
     progress = threading.Event()
+    server_tls: list[str] = []
+    client_tls: list[str] = []
+    if tls:
+        pki = tmp / "pki"
+        run_nbdfs("tls-init", str(pki), "--host", "127.0.0.1")
+        server_tls = ["--tls=require", f"--tls-certificates={pki}"]
+        client_tls = ["--tls=require", "--tls-certificates", str(pki)]
     with (
-        writeback(exports) as srv,
-        mounted(srv.server.address, tmp / "mnt", "--timeout", "30") as mnt,
+        writeback(exports, *server_tls) as srv,
+        mounted(srv.server.address, tmp / "mnt", "--timeout", "30", *client_tls) as mnt,
     ):
 
         def writer() -> None:
