@@ -212,8 +212,14 @@ class ExportPool:
         the one with the fewest requests in flight, unless it is busy and another may open."""
         if self._closed or self._need_replay:
             return None
-        self._prune()
-        best = min(self._conns, key=lambda c: c.in_flight, default=None)
+        best, fewest, stale = None, 0, False
+        for conn in self._conns:  # (one pass, no key function: this runs per request)
+            if not conn.usable:
+                stale = True
+            elif best is None or conn.in_flight < fewest:
+                best, fewest = conn, conn.in_flight
+        if stale:
+            self._prune()  # (may find unflushed writes on a lost one: then replay first)
         if best is None or self._need_replay:
             return None
         if best.in_flight and len(self._conns) + self._opening < self._max_connections():
