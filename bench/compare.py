@@ -293,7 +293,6 @@ class Results:
     # row -> tool -> CPU microseconds per request (IOPS rows) or per MiB (MB/s rows)
     cpu: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     rss: list[int] = dataclasses.field(default_factory=list)
-    cpu_per_gib: list[float] = dataclasses.field(default_factory=list)
     minimal_client: list[float] = dataclasses.field(default_factory=list)  # CPU us per read
 
 
@@ -384,8 +383,6 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                     res.cpu.setdefault(name, {}).setdefault(tool, []).append(per)
                     if tool == "nbdfs":
                         res.rss.append(hwm)
-                        if unit == "MB/s":
-                            res.cpu_per_gib.append(per * 1024 / 1e6)
                     print(
                         f"{profile.name} round {r + 1}: {name:28} {tool:13} {value:10.1f} {unit}",
                         flush=True,
@@ -460,7 +457,7 @@ def main() -> None:
         sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
         for profile in profiles:
             results[profile.name] = res = run_profile(profile, args, work, rnd)
-            sections.append(report(profile, res, args.rounds))
+            sections.append(report(profile, res))
             print("\n" + sections[-1] + "\n", flush=True)
     partial = args.only or args.rate or args.profile or (args.delay not in (None, 1.0))
     if partial:
@@ -486,7 +483,7 @@ def main() -> None:
         chart({p.name: results[p.name] for p in profiles}, profiles, ROOT / "docs" / "bench.png")
 
 
-def report(profile: Profile, res: Results, rounds: int) -> str:
+def report(profile: Profile, res: Results) -> str:
     noop = any(NOOP in per for per in res.values.values())
     lines = [
         f"## {profile.title}",
@@ -529,11 +526,18 @@ def report(profile: Profile, res: Results, rounds: int) -> str:
             f" --minimal) {floor_client:.0f} us; target at most 1.3x their sum, {bound:.0f} us:"
             f" {'met' if ours <= bound else '**not met**'}."
         )
-    if res.rss and res.cpu_per_gib:
+    # CPU seconds per GiB: the sequential rows' microseconds per MiB, times 1024 / 1e6
+    per_gib = [
+        us * 1024 / 1e6
+        for name, unit in res.units.items()
+        if unit == "MB/s" and name in res.cpu
+        for us in res.cpu[name]["nbdfs"]
+    ]
+    if res.rss and per_gib:
         lines.append(
             f"- nbdfs peak RSS {max(res.rss) / MiB:.0f} MiB (cache 256 MiB; target at most"
             f" cache + 80 MiB); CPU seconds per GiB moved (sequential rows):"
-            f" {statistics.median(res.cpu_per_gib):.2f}."
+            f" {statistics.median(per_gib):.2f}."
         )
     return "\n".join(lines)
 

@@ -558,14 +558,9 @@ class ExportIO:
             return offset if data else self.size
         pos = offset
         while pos < self.size:
-            known = self.extents.find(pos)
-            if known is not None:
-                spans = [(pos, *known)]
-            else:
-                asked = await self._block_status(pos)
-                if asked is None or asked[-1][1] <= pos:  # (nothing useful: call it data)
-                    return offset if data else self.size
-                spans = asked
+            spans, _ = await self._spans_at(pos)
+            if spans is None:  # (nothing useful: call it data)
+                return offset if data else self.size
             for start, end, hole in spans:
                 if end <= pos:
                     continue
@@ -588,15 +583,10 @@ class ExportIO:
         generation = self.extents.generation
         data, pos, asks = 0, start, 0
         while pos < end:
-            found = self.extents.find(pos)
-            if found is not None:
-                spans = [(pos, *found)]
-            else:
-                asks += 1
-                asked = await self._block_status(pos) if asks <= ALLOCATED_MAX_ASKS else None
-                if asked is None or asked[-1][1] <= pos:
-                    return None
-                spans = asked
+            spans, asked = await self._spans_at(pos, may_ask=asks < ALLOCATED_MAX_ASKS)
+            if spans is None:
+                return None
+            asks += asked
             for s, e, hole in spans:
                 if e > pos:
                     e = min(e, end)
@@ -606,6 +596,22 @@ class ExportIO:
             self._allocated.clear()
         self._allocated[key] = (generation, data)  # (stale at once if a change came meanwhile)
         return data
+
+    async def _spans_at(
+        self, pos: int, may_ask: bool = True
+    ) -> tuple[list[tuple[int, int, bool]] | None, bool]:
+        """What is known of the allocation from ``pos`` on, as (start, end, hole) spans: the
+        :class:`Extents` interval holding it, or else (``may_ask``) what block status says
+        now; None if neither tells anything past ``pos``. And whether the server was asked."""
+        found = self.extents.find(pos)
+        if found is not None:
+            return [(pos, *found)], False
+        if not may_ask:
+            return None, False
+        asked = await self._block_status(pos)
+        if asked is None or asked[-1][1] <= pos:
+            return None, True
+        return asked, True
 
     async def _block_status(self, pos: int) -> list[tuple[int, int, bool]] | None:
         """What the server says of the allocation from ``pos`` on: (start, end, hole)."""

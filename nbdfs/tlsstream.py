@@ -62,24 +62,22 @@ class TlsSocketStream(trio.abc.Stream):
             raise
         self = cls(ssl_sock)
         try:
-            while True:
-                try:
-                    ssl_sock.do_handshake()
-                    return self
-                except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(ssl_sock)
-                except ssl.SSLWantWriteError:
-                    await trio.lowlevel.wait_writable(ssl_sock)
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
-            self.close()
-            raise TlsError("server closed the connection during the TLS handshake") from None
-        except ssl.SSLError as exc:
-            self.close()
-            raise TlsError(describe_ssl_error(exc)) from None
-        except OSError as exc:
-            self.close()
-            raise TlsError(f"the TLS handshake failed: {exc.strerror or exc}") from None
-        except BaseException:
+            try:
+                while True:
+                    try:
+                        ssl_sock.do_handshake()
+                        return self
+                    except ssl.SSLWantReadError:
+                        await trio.lowlevel.wait_readable(ssl_sock)
+                    except ssl.SSLWantWriteError:
+                        await trio.lowlevel.wait_writable(ssl_sock)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+                raise TlsError("server closed the connection during the TLS handshake") from None
+            except ssl.SSLError as exc:
+                raise TlsError(describe_ssl_error(exc)) from None
+            except OSError as exc:
+                raise TlsError(f"the TLS handshake failed: {exc.strerror or exc}") from None
+        except BaseException:  # (failed, or cancelled: the socket is ours to close)
             self.close()
             raise
 
