@@ -2,7 +2,7 @@
 """Paired A/B of two nbdfs builds on the same nbdkit server, in one run.
 
     sudo .venv/bin/python bench/ab.py BASE [NEW] [--rounds 6] [--runtime 5] [--only TEXT]
-                                      [--delay MS] [--tls]
+                                      [--delay MS] [--tls] [--base-pyfuse3 DIR]
 
 BASE and NEW are git revisions (NEW defaults to the work tree as it is, uncommitted
 changes included). Each is unpacked into a directory of its own and run with this venv's
@@ -13,12 +13,17 @@ sequential read (1 MiB) and sequential write + fsync. Prints, per row, the media
 NEW/BASE ratio of the medians and the range of the per-round ratios (the noise), and the
 daemon's CPU time per request (from /proc) for each build.
 
+``--base-pyfuse3 DIR``: run BASE with the ``pyfuse3`` package in DIR instead of the venv's
+(e.g. the patch series without its newest patch, built with ``pip install --target DIR``):
+an A/B of a pyfuse3 patch.
+
 Needs root (to drop the page cache), nbdkit, fio.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,6 +114,9 @@ def main() -> None:
         "--delay", type=float, metavar="MS", help="serve through nbdkit's delay filter (a link)"
     )
     ap.add_argument("--tls", action="store_true", help="over TLS (nbdfs tls-init certificates)")
+    ap.add_argument(
+        "--base-pyfuse3", type=Path, metavar="DIR", help="BASE runs the pyfuse3 package in DIR"
+    )
     args = ap.parse_args()
     size = parse_size(args.size)
     names = {"A": args.base, "B": args.new or "work tree"}
@@ -117,6 +125,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         trees = {"A": unpack(args.base, work / "A"), "B": unpack(args.new, work / "B")}
+        if args.base_pyfuse3:  # (first on BASE's PYTHONPATH)
+            shutil.copytree(args.base_pyfuse3 / "pyfuse3", trees["A"] / "pyfuse3")
+            names["A"] += f" with {args.base_pyfuse3}"
         for m in ("ma", "mb"):
             (work / m).mkdir()
         # The data dd writes, in memory: the page cache is dropped before every figure,
