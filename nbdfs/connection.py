@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How much one receive asks the kernel for: large enough that a 1 MiB read needs few wakeups.
 _RECEIVE_SIZE = 1 << 18
+_SMALL = 1 << 16  # parts up to this size go into one TLS record together (_send)
+_IOV_MAX = 1024  # (Linux's limit of buffers per writev)
 # Where every plain connection receives what is not a read's payload. One for the process:
 # a reader parses all it received before its next await (Transmission.receive_data's
 # contract), so no two connections ever hold bytes in it at once, and a thousand open
@@ -306,7 +308,9 @@ class Connection:
         self._tls = stream if isinstance(stream, TlsSocketStream) else None
         self._receives = 0
         self._drained = False  # the last read emptied the socket (see _receive)
-        self._send_lock = trio.Lock()
+        # Requests' bytes waiting to go out, and whether a task is sending them (_send).
+        self._outbox: list[bytes | bytearray | memoryview] = []
+        self._sending = False
         self._waiters: dict[int, _Waiter] = {}
         self.broken: NbdError | None = None
         self.draining = False  # server said ESHUTDOWN: no new requests, then disconnect
@@ -482,23 +486,9 @@ class Connection:
         if self.draining:
             raise ConnectionLost("server is shutting down")
         waiter = _Waiter(trio.Event())
-        if self._send_lock.locked():
-            await self._send_lock.acquire()  # another request is still going out
-        else:
-            self._send_lock.acquire_nowait()  # the usual case: no trip through the scheduler
-        try:
-            cookie, header = self.core.request(cmd, offset, length, flags, data, into)
-            self._waiters[cookie] = waiter
-            try:
-                await self._send(header, data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._break(ConnectionLost(f"sending to {self.target.describe()} failed: {exc}"))
-                raise self.broken from None  # type: ignore[misc]
-            except trio.Cancelled:
-                self._break(ConnectionLost("a request was cancelled half-sent"))
-                raise
-        finally:
-            self._send_lock.release()
+        cookie, header = self.core.request(cmd, offset, length, flags, data, into)
+        self._waiters[cookie] = waiter
+        await self._send(header) if data is None else await self._send(header, data)
         await waiter.event.wait()
         if waiter.error is not None:
             raise waiter.error
@@ -510,30 +500,67 @@ class Connection:
             raise CommandError(waiter.reply.error, waiter.reply.message)
         return waiter.reply
 
-    async def _send(self, header: bytes, data: bytes | bytearray | memoryview | None) -> None:
-        """Send a request's header and payload (the caller holds the send lock)."""
-        if self._sock is None:  # TLS: one record for a header and a small payload
-            if data is not None and len(data) <= 1 << 16:
-                await self._stream.send_all(header + bytes(data))
-            else:
-                await self._stream.send_all(header)
-                if data is not None:
-                    await self._stream.send_all(data)
+    async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Send ``parts`` in order after everything queued before them.
+
+        The first request of a scheduler pass sends, and, when others are in flight, lets
+        the pass's other runnable tasks queue theirs first: at depth, the requests that
+        replies and new FUSE requests start in one pass leave in one system call (one TLS
+        record when small), and the server wakes once for them. Those queued behind a sending task return at once; the
+        sender sends their bytes too. A failed send breaks the connection, which fails
+        every request in flight.
+        """
+        self._outbox.extend(parts)
+        if self._sending:
             return
-        # One writev for header and payload, without joining them; wait only when the
-        # socket's buffer is full.
-        parts = [memoryview(header)] if data is None else [memoryview(header), memoryview(data)]
-        while parts:
-            fd = self._fileno()
+        self._sending = True
+        try:
+            if len(self._waiters) > 1:  # (alone, as at depth 1: no one to wait for)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._send_outbox()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._break(ConnectionLost(f"sending to {self.target.describe()} failed: {exc}"))
+            raise self.broken from None  # type: ignore[misc]
+        except trio.Cancelled:
+            self._break(ConnectionLost("a request was cancelled half-sent"))
+            raise
+        finally:
+            self._outbox.clear()
+            self._sending = False
+
+    async def _send_outbox(self) -> None:
+        out = self._outbox
+        if self._sock is None:  # TLS (or the tests' in-memory streams): the small parts
+            while out:  # joined into one record, a large payload on its own
+                parts = out[:]
+                out.clear()
+                small: list[bytes | bytearray | memoryview] = []
+                for part in parts:
+                    if len(part) <= _SMALL:
+                        small.append(part)
+                        continue
+                    if small:
+                        await self._stream.send_all(b"".join(small))
+                        small.clear()
+                    await self._stream.send_all(part)
+                if small:
+                    await self._stream.send_all(b"".join(small))
+            return
+        # writev of the parts as they are (no joining), waiting only when the socket's
+        # buffer is full.
+        while out:
             try:
-                sent = os.writev(fd, parts)
+                sent = os.writev(self._fileno(), out[:_IOV_MAX])
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._sock)
                 continue
-            while parts and sent >= len(parts[0]):
-                sent -= len(parts.pop(0))
+            done = 0
+            while done < len(out) and sent >= len(out[done]):
+                sent -= len(out[done])
+                done += 1
+            del out[:done]
             if sent:
-                parts[0] = parts[0][sent:]
+                out[0] = memoryview(out[0])[sent:]
 
     async def read(self, offset: int, length: int, into: bytearray | None = None) -> bytearray:
         """Read ``length`` bytes at ``offset`` (into ``into``, zeroed, if given)."""
@@ -574,9 +601,8 @@ class Connection:
                 while self._waiters and self.broken is None:
                     await trio.sleep(0.01)
                 try:
-                    async with self._send_lock:
-                        await self._stream.send_all(self.core.disconnect())
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await self._send(self.core.disconnect())
+                except NbdError:
                     pass
             self.core.closed = True
         await _close_quietly(self._stream)
