@@ -61,6 +61,33 @@ def test_concurrent_requests_are_matched_by_cookie() -> None:
     trio.run(main)
 
 
+def test_requests_queued_while_one_is_sending_leave_together() -> None:
+    """The first request sends at once; the ones started meanwhile go out in one send (one
+    TLS record, one writev) by the task already sending, not one send each."""
+
+    async def main() -> None:
+        client, server = trio.testing.memory_stream_pair()
+        sends: list[int] = []
+
+        async def counted() -> None:  # (memory_stream_pair's pump, counting each send)
+            data = client.send_stream.get_data_nowait()
+            sends.append(len(data))
+            server.receive_stream.put_data(data)
+
+        client.send_stream.send_all_hook = counted
+        conn = Connection(client, SESSION, TARGET)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run_reader)
+            for i in range(8):
+                nursery.start_soon(conn.read, i * 512, 512)
+            requests = [await read_request(server) for _ in range(8)]
+            assert sorted(offset for _, _, offset, _ in requests) == [i * 512 for i in range(8)]
+            assert sends == [wire.REQUEST.size, 7 * wire.REQUEST.size]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_garbage_breaks_the_connection_and_fails_every_waiter() -> None:
     async def main() -> None:
         client, server = trio.testing.memory_stream_pair()
