@@ -16,7 +16,6 @@ unmounted; for measuring by hand (fio as bench/compare.py runs it).
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from pathlib import Path
 
@@ -24,14 +23,12 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from client_latency import CHUNK, REQUEST
 from pyfuse3_ceiling import Nothing
 
 from nbdfs.connection import _handshake
 from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
-
-REQUEST = struct.Struct(">IHHQQI")
-CHUNK = struct.Struct(">IHHQI")  # a structured reply chunk's header
 
 
 class Forward(Nothing):

@@ -488,7 +488,7 @@ class Connection:
         waiter = _Waiter(trio.Event())
         cookie, header = self.core.request(cmd, offset, length, flags, data, into)
         self._waiters[cookie] = waiter
-        await self._send(header) if data is None else await self._send(header, data)
+        await self._send(*((header,) if data is None else (header, data)))
         await waiter.event.wait()
         if waiter.error is not None:
             raise waiter.error
@@ -506,9 +506,9 @@ class Connection:
         The first request of a scheduler pass sends, and, when others are in flight, lets
         the pass's other runnable tasks queue theirs first: at depth, the requests that
         replies and new FUSE requests start in one pass leave in one system call (one TLS
-        record when small), and the server wakes once for them. Those queued behind a sending task return at once; the
-        sender sends their bytes too. A failed send breaks the connection, which fails
-        every request in flight.
+        record when small), and the server wakes once for them. Those queued behind a
+        sending task return at once; the sender sends their bytes too. A failed send breaks
+        the connection, which fails every request in flight.
         """
         self._outbox.extend(parts)
         if self._sending:
