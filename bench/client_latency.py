@@ -33,47 +33,68 @@ REQUEST = struct.Struct(">IHHQQI")
 CHUNK = struct.Struct(">IHHQI")  # a structured reply chunk's header (nbdfs negotiates them)
 
 
-async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:
-    """Seconds and CPU seconds for ``count`` reads by the minimal client."""
-    target = parse_target(uri)
-    stream, session = await _handshake(target, TlsConfig(), lambda hs: hs.go(target.export or ""))
-    assert isinstance(stream, trio.SocketStream)
-    sock = stream.socket
-    fd = sock.fileno()
-    blocks = (session.export.size or 0) // size
-    waiting: dict[int, trio.Event] = {}
-    header = bytearray(CHUNK.size)
-    payload = memoryview(bytearray(size + 8))  # (OFFSET_DATA: offset, then the data)
+class MinimalClient:
+    """The least a trio NBD client does on one handshaken socket: ``os.write`` of each
+    request's header, one reader task (:meth:`reader`) parsing each structured reply chunk
+    with ``struct`` into the request's buffer (offset, then data); no checks."""
 
-    async def receive_exactly(view: memoryview) -> None:
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock, self.fd = sock, sock.fileno()
+        self.waiting: dict[int, tuple[trio.Event, memoryview]] = {}
+        self.cookie = 0
+
+    async def _receive_exactly(self, view: memoryview) -> None:
         got = 0
         while got < len(view):
             try:
-                got += os.readv(fd, (view[got:],))
+                got += os.readv(self.fd, (view[got:],))
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(self.sock)
 
-    async def reader() -> None:
+    async def reader(self) -> None:
+        header = bytearray(CHUNK.size)
         while True:
-            await receive_exactly(memoryview(header))
+            await self._receive_exactly(memoryview(header))
             _, flags, _, cookie, length = CHUNK.unpack(header)
-            await receive_exactly(payload[:length])
+            done, buf = self.waiting[cookie]
+            await self._receive_exactly(buf[:length])
             if flags & 1:  # NBD_REPLY_FLAG_DONE
-                waiting.pop(cookie).set()
+                del self.waiting[cookie]
+                done.set()
 
-    async def worker(first: int) -> None:
-        for cookie in range(first, count, depth):
-            done = waiting[cookie] = trio.Event()
-            offset = random.randrange(blocks) * size
-            os.write(fd, REQUEST.pack(0x25609513, 0, 0, cookie, offset, size))
-            await done.wait()
+    async def read(self, offset: int, size: int, buf: memoryview) -> None:
+        """NBD_CMD_READ into ``buf`` (``size`` + 8 bytes: NBD_REPLY_TYPE_OFFSET_DATA)."""
+        self.cookie += 1
+        done = trio.Event()
+        self.waiting[self.cookie] = (done, buf)
+        os.write(self.fd, REQUEST.pack(0x25609513, 0, 0, self.cookie, offset, size))
+        await done.wait()
+
+
+async def open_minimal(uri: str) -> tuple[trio.SocketStream, MinimalClient, int]:
+    """nbdfs's handshake, then the minimal client on its socket; and the export's size."""
+    target = parse_target(uri)
+    stream, session = await _handshake(target, TlsConfig(), lambda hs: hs.go(target.export or ""))
+    assert isinstance(stream, trio.SocketStream)
+    return stream, MinimalClient(stream.socket), session.export.size or 0
+
+
+async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:
+    """Seconds and CPU seconds for ``count`` reads by the minimal client."""
+    stream, client, export_size = await open_minimal(uri)
+    blocks = export_size // size
+    payload = memoryview(bytearray(size + 8))  # one for all: the data is not looked at
+
+    async def worker() -> None:
+        for _ in range(count // depth):
+            await client.read(random.randrange(blocks) * size, size, payload)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
+        nursery.start_soon(client.reader)
         start, cpu = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as workers:
-            for i in range(depth):
-                workers.start_soon(worker, i)
+            for _ in range(depth):
+                workers.start_soon(worker)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         nursery.cancel_scope.cancel()
     await trio.aclose_forcefully(stream)

@@ -18,13 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from nbdfs.connection import probe_export
-from nbdfs.handshake import TlsMode
 from nbdfs.pki import create
+from nbdfs.session import TlsMode
 from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
 
@@ -52,7 +53,7 @@ def start(port: int, tmp: Path, *args: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def timed(target: str, count: int, make: callable) -> tuple[list[float], int]:  # type: ignore[valid-type]
+async def timed(target: str, count: int, make: Callable[[], TlsConfig]) -> tuple[list[float], int]:
     times, resumed = [], 0
     for _ in range(count):
         tls = make()
