@@ -123,32 +123,19 @@ def _errno_for(exc: BaseException) -> int:
     return exc.errno if isinstance(exc, CommandError) else errno.EIO
 
 
-def _polled(
+def _handler(
     fn: Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]]:
-    """Tell the poller when a request that may go to the server begins and ends."""
+    """A FUSE request that may go to the server: the poller is told when it begins and
+    ends, and every failure becomes FUSEError (pyfuse3 would end the mount on anything
+    else). (One wrapper, not two: it is a coroutine frame that every request of these
+    handlers passes through, at every wake-up.)"""
 
     @functools.wraps(fn)
     async def wrapper(self: NbdFs, /, *args: P.args, **kwargs: P.kwargs) -> R:
         poller = self.poller
-        if poller is None:
-            return await fn(self, *args, **kwargs)
-        poller.enter()
-        try:
-            return await fn(self, *args, **kwargs)
-        finally:
-            poller.leave()
-
-    return wrapper
-
-
-def _fuse_errors(
-    fn: Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[NbdFs, P], Coroutine[Any, Any, R]]:
-    """Turn every failure into FUSEError (pyfuse3 would end the mount on anything else)."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: NbdFs, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if poller is not None:
+            poller.enter()
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -164,6 +151,9 @@ def _fuse_errors(
         except Exception:
             log.exception("%s failed unexpectedly (a bug in nbdfs)", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if poller is not None:
+                poller.leave()
 
     return wrapper
 
@@ -525,8 +515,7 @@ class NbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         return handle
 
-    @_polled
-    @_fuse_errors
+    @_handler
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._handle(fh).node
         if node.window is not None:  # a partition file: clipped to it
@@ -538,8 +527,7 @@ class NbdFs(pyfuse3.Operations):
         io = node.io or await self._io(node)
         return await io.read(off, size)  # type: ignore[return-value]
 
-    @_polled
-    @_fuse_errors
+    @_handler
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
         node = handle.node
@@ -551,16 +539,14 @@ class NbdFs(pyfuse3.Operations):
         io = node.io or await self._io(node)
         return await io.write(off, data, fua=handle.sync)
 
-    @_polled
-    @_fuse_errors
+    @_handler
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         node, _ = self._handle(fh).node.on_disk(0)
         io = node.io
         if io is not None:  # (nothing was written through an export not opened)
             await io.flush()
 
-    @_polled
-    @_fuse_errors
+    @_handler
     async def fallocate(self, fh: pyfuse3.FileHandleT, mode: int, offset: int, length: int) -> None:
         """fallocate(2), as a disk answers it (contrib/pyfuse3 patch 1): punch a hole →
         NBD_CMD_TRIM, zero a range → NBD_CMD_WRITE_ZEROES (or zeros written), allocate →
@@ -583,8 +569,7 @@ class NbdFs(pyfuse3.Operations):
         else:
             await io.zero(offset, length, fua=handle.sync)
 
-    @_polled
-    @_fuse_errors
+    @_handler
     async def lseek(self, fh: pyfuse3.FileHandleT, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE from the export's block status (contrib/pyfuse3 patch 2)."""
         node = self._handle(fh).node
