@@ -52,6 +52,12 @@ def sh(*cmd: str, **kw: object) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout  # type: ignore[call-overload, no-any-return]
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's CPU time so far, in ticks: all of it, and what the host took (steal)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields), fields[7]
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -463,6 +469,7 @@ def main() -> None:
     size = parse_size(args.size)
     sections = []
     results: dict[str, Results] = {}
+    ticks0 = cpu_ticks()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for sub in "abcd":
@@ -473,6 +480,8 @@ def main() -> None:
             results[profile.name] = res = run_profile(profile, args, work, rnd)
             sections.append(report(profile, res))
             print("\n" + sections[-1] + "\n", flush=True)
+    total, steal = (b - a for a, b in zip(ticks0, cpu_ticks(), strict=True))
+    print(f"steal time (the host's share of the CPUs) during the run: {steal / total:.1%}")
     partial = args.only or args.rate or args.profile or (args.delay not in (None, 1.0))
     if partial:
         return
@@ -480,7 +489,9 @@ def main() -> None:
         f"# nbdfs vs nbdfuse\n\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs,"
         f" `bench/compare.py --size {args.size} --rounds {args.rounds} --runtime"
         f" {args.runtime}`: medians of {args.rounds} rounds; every cold figure from a fresh"
-        " mount with the page cache dropped.\n"
+        " mount with the page cache dropped. The host took"
+        f" {steal / total:.1%} of the CPUs' time during the run (steal time): on a shared"
+        " virtual machine, read every figure with its range.\n"
     )
     notes = (
         "\n- *range*: the lowest and highest nbdfs/nbdfuse ratio of one round (the tools"
