@@ -227,9 +227,14 @@ async def _handshake_steps(
 
 def _after_tls_failure(exc: BaseException, tls: TlsConfig) -> str:
     """Why a server hangs up right after TLS is set up: with TLS 1.3 a refused (or missing)
-    client certificate is only reported then, if at all."""
+    client certificate is only reported then, if at all. (An SSLEOFError is that hang-up
+    seen while OpenSSL was sending: no alert, nothing more to say than a plain close.)"""
     cause = exc.__cause__
-    if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" not in str(cause):
+    if (
+        isinstance(cause, ssl.SSLError)
+        and not isinstance(cause, ssl.SSLEOFError)
+        and "CERTIFICATE_REQUIRED" not in str(cause)
+    ):
         return describe_ssl_error(cause)
     if not tls.has_client_certificate:
         return (
