@@ -14,7 +14,7 @@ sequential write + fsync (dd conv=fsync), 4 KiB random read at queue depth 1 and
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB working set, and nbdcopy to
 null as the raw NBD ceiling. In the loopback profile also the two floors: a pyfuse3 file
 system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD client
-(bench/client_latency.py --minimal), and, in the random read rows, the two composed
+(bench/client_latency.py --minimal), and, in the 4 KiB QD16 row, the two composed
 (bench/pyfuse3_forward.py: the no-op file system forwarding each read to that client).
 
 Prints one table per profile: medians, the nbdfs/nbdfuse ratio and its range over the
@@ -388,7 +388,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                     order.reverse()  # alternate who goes first
                 for tool, mount, more in order:
                     drop_caches()
-                    mnt = work / {"nbdfuse": "a", "nbdfs": "b", FORWARD: "d"}.get(tool, "c")
+                    mnt = work / MOUNT_DIRS[tool]
                     with mount(uri, mnt, *more) as (path, pid):
                         cpu0, _ = proc_stats(pid)
                         value = measure(path)
@@ -412,6 +412,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
 RAW = "nbdcopy to null (raw NBD)"
 NOOP = "no-op pyfuse3"
 FORWARD = "forwarder"
+MOUNT_DIRS = {"nbdfuse": "a", "nbdfs": "b", NOOP: "c", FORWARD: "d"}  # (under the run's work dir)
 
 
 def main() -> None:
@@ -472,7 +473,7 @@ def main() -> None:
     ticks0 = cpu_ticks()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for sub in "abcd":
+        for sub in MOUNT_DIRS.values():
             (work / sub).mkdir()
         rnd = work / "write.img"
         sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
