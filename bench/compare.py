@@ -15,7 +15,8 @@ sequential write + fsync (dd conv=fsync), 4 KiB random read at queue depth 1 and
 null as the raw NBD ceiling. In the loopback profile also the two floors: a pyfuse3 file
 system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD client
 (bench/client_latency.py --minimal), and, in the 4 KiB QD16 row, the two composed
-(bench/pyfuse3_forward.py: the no-op file system forwarding each read to that client).
+(bench/pyfuse3_forward.py: the no-op file system forwarding each read to that client),
+and, in the cold random rows, nbdfs with --cache-size 0 (what the cache's first fill costs).
 
 Prints one table per profile: medians, the nbdfs/nbdfuse ratio and its range over the
 rounds, the issue's target for the row, the daemons' CPU per request or MiB, the floors,
@@ -384,6 +385,8 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                     order.append((NOOP, ceiling, (size,)))
                     if "QD16" in name:  # (it forwards reads only; the CPU target's row)
                         order.append((FORWARD, forward, ()))
+                    if "cold" in name and "rand" in name:  # what the cache's first fill costs
+                        order.append((NOCACHE, nbdfs, ([*extra, "--cache-size", "0"],)))
                 if r % 2:
                     order.reverse()  # alternate who goes first
                 for tool, mount, more in order:
@@ -412,7 +415,8 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
 RAW = "nbdcopy to null (raw NBD)"
 NOOP = "no-op pyfuse3"
 FORWARD = "forwarder"
-MOUNT_DIRS = {"nbdfuse": "a", "nbdfs": "b", NOOP: "c", FORWARD: "d"}  # (under the run's work dir)
+NOCACHE = "nbdfs --cache-size 0"
+MOUNT_DIRS = {"nbdfuse": "a", "nbdfs": "b", NOOP: "c", FORWARD: "d", NOCACHE: "e"}  # (in work dir)
 
 
 def main() -> None:
@@ -505,6 +509,8 @@ def main() -> None:
         f"- *{FORWARD}*: bench/pyfuse3_forward.py, the same file system forwarding each read"
         " to one minimal NBD connection (no cache, no checks): the most a pyfuse3 + trio NBD"
         " daemon reaches here.\n"
+        f"- *{NOCACHE}*: nbdfs with its block cache off, in the cold random rows: the cost of"
+        " the cache's first fill, which every cold figure pays.\n"
     )
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "bench.md").write_text(head + "\n" + "\n\n".join(sections) + "\n" + notes)
@@ -518,8 +524,9 @@ def report(profile: Profile, res: Results) -> str:
         f"## {profile.title}",
         "",
         "| workload | unit | nbdfuse | nbdfs | nbdfs/nbdfuse | range | target | met |"
-        " CPU nbdfs, nbdfuse |" + (f" {NOOP} / nbdfuse | {FORWARD} / nbdfuse |" if noop else ""),
-        "|---|---|---:|---:|---:|---:|---:|:-:|---:|" + ("---:|---:|" if noop else ""),
+        " CPU nbdfs, nbdfuse |"
+        + (f" {NOOP} / nbdfuse | {FORWARD} / nbdfuse | {NOCACHE} / nbdfuse |" if noop else ""),
+        "|---|---|---:|---:|---:|---:|---:|:-:|---:|" + ("---:|---:|---:|" if noop else ""),
     ]
     raw = statistics.median(res.values.get(RAW, {}).get("nbdcopy", [0]))
     for name, per in res.values.items():
@@ -536,7 +543,7 @@ def report(profile: Profile, res: Results) -> str:
         if noop:
             line += "".join(
                 f" {statistics.median(per[t]) / a:.2f} |" if t in per else " |"
-                for t in (NOOP, FORWARD)
+                for t in (NOOP, FORWARD, NOCACHE)
             )
         lines.append(line)
     lines.append("")
@@ -566,6 +573,19 @@ def report(profile: Profile, res: Results) -> str:
                 f" {composed:.0f} us per read ({composed / (noop_cpu + client_cpu):.2f}x their"
                 f" sum); nbdfs costs {ours / composed:.2f}x that."
             )
+    for name in ("4K rand read QD1 (cold)", qd16):
+        if NOCACHE not in res.cpu.get(name, {}):
+            continue
+        ratio = statistics.median(res.values[name][NOCACHE]) / statistics.median(
+            res.values[name]["nbdfuse"]
+        )
+        without, with_ = (statistics.median(res.cpu[name][t]) for t in (NOCACHE, "nbdfs"))
+        lines.append(
+            f"- {name} without the block cache ({NOCACHE}): {ratio:.2f}x nbdfuse, CPU per"
+            f" read {without:.0f} us against {with_:.0f} us with it: what filling an empty cache"
+            " costs (every block it keeps is memory the daemon touches for the first time;"
+            " docs/architecture.md, step 5)."
+        )
     # CPU seconds per GiB: the sequential rows' microseconds per MiB, times 1024 / 1e6
     per_gib = [
         us * 1024 / 1e6
