@@ -7,7 +7,6 @@ traceback means a bug in nbdfs.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import logging.handlers
@@ -30,7 +29,6 @@ from .fs import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_CONNECTIONS,
     DEFAULT_REFRESH,
-    STATUS_XATTR,
     MountConfig,
 )
 from .mount import (
@@ -41,6 +39,7 @@ from .mount import (
     set_io_flusher,
     tune_malloc,
 )
+from .names import STATUS_FILE
 from .poll import MAX_BUDGET
 from .session import Export, TlsMode
 from .target import Target, parse_target
@@ -166,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         " errors (ENOSPC past the end) come at fsync or close (see nbdfs(1))",
     )
     p_mount.add_argument(
+        "--xattr",
+        action="store_true",
+        help="answer extended attributes: each file's export metadata as user.nbd.*"
+        " (getfattr -d FILE); the kernel then asks the daemon for security.capability"
+        " before every write, one round trip more each (see nbdfs(1))",
+    )
+    p_mount.add_argument(
         "--partitions",
         action="store_true",
         help="also show each partition of an export (MBR, logical, GPT) as a file NAME.p1,"
@@ -208,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: the ones above as name=value (ro, kernel_cache, writeback_cache, partitions, connections=N,"
+        help="mount options: the ones above as name=value (ro, kernel_cache, writeback_cache, partitions, xattr, connections=N,"
         " cache_size=SIZE, timeout=S, poll_max=US, tls=MODE, tls_certificates=DIR), or FUSE"
         " options such as allow_other",
     )
@@ -289,33 +295,17 @@ def _nbdfs_mount(path: str) -> str:
     raise MountError(f"{path} is not an nbdfs mount (see 'findmnt -t fuse.nbdfs')")
 
 
-def _status_of(path: str) -> dict[str, Any] | None:
-    """The daemon's status xattr on ``path`` (the mount's root, or an export's file); None
-    for a file that has none (a partition file: its counters are its export's)."""
-    try:
-        value = json.loads(os.getxattr(path, STATUS_XATTR))
-    except OSError as exc:
-        if exc.errno == errno.ENODATA:
-            return None
-        raise MountError(f"the daemon of {path} does not answer: {exc.strerror}") from None
-    assert isinstance(value, dict)
-    return value
-
-
 def mount_status(mountpoint: str) -> dict[str, Any]:
-    """The whole status: the mount's own part, and each export's, from its file (one
-    query per export, so it works for any number of them)."""
-    status = _status_of(mountpoint)
-    if status is None:
-        raise MountError(f"the daemon of {mountpoint} does not answer: no status")
-    exports = []
-    for top, dirs, files in os.walk(mountpoint):
-        dirs.sort()
-        for name in sorted(files):
-            entry = _status_of(os.path.join(top, name))
-            if entry is not None:
-                exports.append(entry)
-    status["exports"] = exports
+    """The whole status, the mount's own part and each export's: the daemon's status file
+    (MOUNTPOINT/.nbdfs-status, found by name, never listed), read in one go."""
+    try:
+        with open(os.path.join(mountpoint, STATUS_FILE), "rb") as f:
+            status = json.loads(f.read())
+    except OSError as exc:
+        raise MountError(f"the daemon of {mountpoint} does not answer: {exc.strerror}") from None
+    except ValueError as exc:
+        raise MountError(f"the daemon of {mountpoint} sent an unreadable status: {exc}") from None
+    assert isinstance(status, dict)
     return status
 
 
@@ -498,7 +488,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 MOUNT_EPILOG = """
 Files: one per export, named as the export; a "/" in a name makes a subdirectory, the
 default (empty-named) export is "%default%", and a "%" is written "%25" (see the man page).
-Each file carries its export's metadata as extended attributes: getfattr -d FILE.
+nbdfs status MOUNTPOINT tells each file's export and counters; with --xattr each file also
+carries its export's metadata as extended attributes: getfattr -d FILE.
 
 Examples:
   nbdfs mount localhost /mnt/nbd
@@ -533,6 +524,7 @@ _OPTION_KEYS = {
     "writeback_cache": "writeback_cache",
     "writeback-cache": "writeback_cache",
     "partitions": "partitions",
+    "xattr": "xattr",
     "connections": "connections",
     "cache_size": "cache_size",
     "cache-size": "cache_size",
@@ -574,7 +566,7 @@ def split_mount_options(args: argparse.Namespace) -> set[str]:
                 if key not in _IGNORED and not key.startswith("x-"):
                     fuse.add(opt)
                 continue
-            if attr in ("readonly", "kernel_cache", "writeback_cache", "partitions"):  # flags
+            if attr in ("readonly", "kernel_cache", "writeback_cache", "partitions", "xattr"):
                 setattr(args, attr, True)
             elif getattr(args, attr) is None:
                 if not value:
@@ -635,6 +627,7 @@ def mount_config(args: argparse.Namespace, target: Target) -> MountConfig:
         kernel_cache=args.kernel_cache,
         writeback_cache=args.writeback_cache,
         partitions=args.partitions,
+        xattr=args.xattr,
         connections=connections,
         cache_size=cache,
         refresh=refresh,

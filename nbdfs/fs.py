@@ -27,7 +27,7 @@ from .blockio import ExportIO
 from .cache import BlockStore
 from .connection import DEFAULT_TIMEOUT
 from .errors import CommandError, NbdError
-from .names import export_paths
+from .names import STATUS_FILE, export_paths
 from .partitions import Partition, Read, read_table
 from .poll import MAX_BUDGET, AdaptivePoll
 from .pool import ExportPool
@@ -41,7 +41,8 @@ R = TypeVar("R")
 
 ATTR_TIMEOUT = 60.0  # the tree changes only on refresh, which invalidates what it changes
 XATTR_PREFIX = b"user.nbd."
-STATUS_XATTR = "user.nbdfs.status"  # on the mount's root: the daemon's counters, as JSON
+# The status file (names.STATUS_FILE): a lookup finds it, a listing never shows it.
+STATUS_INODE = (1 << 63) - 1  # (never one of the tree's, which count up from the root's)
 
 
 # Every default, declared once (the command line's help is formatted from these).
@@ -63,6 +64,10 @@ class MountConfig:
     poll: float = MAX_BUDGET  # longest adaptive poll before the event loop sleeps; 0: never
     refresh: float = DEFAULT_REFRESH  # seconds between re-reads of the export list; 0: never
     partitions: bool = False  # also a file per partition of each export (NAME.p1, ...)
+    # Answer extended attributes (each file's user.nbd.* metadata). Off, they are answered
+    # ENOSYS, which the kernel remembers: it then stops asking for security.capability
+    # before every write(2), a FUSE round trip each (docs/architecture.md, writes).
+    xattr: bool = False
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -191,6 +196,7 @@ class NbdFs(pyfuse3.Operations):
         self._nursery = nursery
         self._nodes: dict[int, Node] = {}
         self._handles: dict[int, Handle] = {}
+        self._snapshots: dict[int, bytes] = {}  # open status files: what each one reads
         self._next_fh = 1
         self._mtime_ns = time.time_ns()
         self.after_init: Callable[[], None] | None = None
@@ -413,12 +419,16 @@ class NbdFs(pyfuse3.Operations):
             return self._attr(self._node(parent.parent))
         child = parent.children.get(bytes(name))
         if child is None:
+            if parent_inode == pyfuse3.ROOT_INODE and name == STATUS_FILE.encode():
+                return self._status_attr()
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(child)
 
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if inode == STATUS_INODE:
+            return self._status_attr()
         node = self._node(inode)
         if node.export is not None:
             await self._count_allocation(node)
@@ -476,10 +486,12 @@ class NbdFs(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if inode == STATUS_INODE:
+            return self._open_status(writable)
         node = self._node(inode)
         if node.export is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and self._read_only(node):
             raise pyfuse3.FUSEError(errno.EROFS)
         # O_TRUNC is ignored, as a block device ignores it: `cp img FILE` or `dd of=FILE`
@@ -517,7 +529,10 @@ class NbdFs(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        node = self._handle(fh).node
+        handle = self._handles.get(fh)
+        if handle is None:  # the status file (or a handle that is not open: EBADF)
+            return self._read_status(fh, off, size)
+        node = handle.node
         if node.window is not None:  # a partition file: clipped to it
             if off >= node.window.size:
                 return b""
@@ -592,6 +607,36 @@ class NbdFs(pyfuse3.Operations):
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self._handles.pop(fh, None)
+        self._snapshots.pop(fh, None)
+
+    # -- the status file -----------------------------------------------------------------
+
+    def _status_attr(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.InodeT(STATUS_INODE)
+        attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
+        attr.st_nlink = 1
+        attr.st_size = 0  # (its length is known only when read; opened for direct I/O)
+        attr.st_uid = self.config.uid
+        attr.st_gid = self.config.gid
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mtime_ns
+        return attr
+
+    def _open_status(self, writable: bool) -> pyfuse3.FileInfo:
+        """A handle on the status as it is now (each open reads a snapshot of its own)."""
+        if writable:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._snapshots[fh] = json.dumps(self.full_status()).encode()
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True)
+
+    def _read_status(self, fh: int, off: int, size: int) -> bytes:
+        snapshot = self._snapshots.get(fh)
+        if snapshot is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return snapshot[off : off + size]
 
     # -- metadata as extended attributes ------------------------------------------------
 
@@ -628,7 +673,7 @@ class NbdFs(pyfuse3.Operations):
         return {XATTR_PREFIX + k: v for k, v in out.items()}
 
     def export_status(self, node: Node) -> dict[str, object]:
-        """One export's part of ``nbdfs status`` (the xattr on its file): from memory."""
+        """One export's part of ``nbdfs status``: from memory."""
         assert node.export is not None
         entry: dict[str, object] = {
             "name": node.export.name,
@@ -639,9 +684,16 @@ class NbdFs(pyfuse3.Operations):
             entry |= node.io.stats()
         return entry
 
+    def full_status(self) -> dict[str, object]:
+        """What the status file holds: the mount's part and each export's in the tree, in
+        path order."""
+        paths = self._paths
+        shown = [n for n in self.exports if n.export is not None and n.export.name in paths]
+        shown.sort(key=lambda n: paths[n.export.name] if n.export is not None else ())
+        return self.status() | {"exports": [self.export_status(n) for n in shown]}
+
     def status(self) -> dict[str, object]:
-        """The mount's part of ``nbdfs status`` (the xattr on its root), from memory; each
-        export's is on its own file, so any number of exports fits."""
+        """The mount's part of ``nbdfs status``, from memory."""
         out: dict[str, object] = {
             "server": self.config.target.describe(),
             "exports": len(self.exports),
@@ -660,13 +712,9 @@ class NbdFs(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        if not self.config.xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # (the kernel stops asking: see MountConfig)
         key = bytes(name)
-        if key == STATUS_XATTR.encode():
-            node = self._node(inode)
-            if inode == pyfuse3.ROOT_INODE:
-                return json.dumps(self.status()).encode()
-            if node.export is not None and node.window is None:
-                return json.dumps(self.export_status(node)).encode()
         # (The kernel asks for security.capability before every write: a name that is not
         # ours is answered without building the export's attributes.)
         value = self._xattrs(self._node(inode)).get(key) if key.startswith(XATTR_PREFIX) else None
@@ -677,6 +725,8 @@ class NbdFs(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
+        if not self.config.xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return [pyfuse3.XAttrNameT(k) for k in self._xattrs(self._node(inode))]
 
     async def setxattr(
@@ -686,12 +736,12 @@ class NbdFs(pyfuse3.Operations):
         value: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM if self.config.xattr else errno.ENOSYS)
 
     async def removexattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(errno.EPERM if self.config.xattr else errno.ENOSYS)
 
     # -- the export list is the server's: no creating, removing or renaming ---------------
 

@@ -8,10 +8,12 @@ The rules (also in the man page):
    ``a//b``, ``../x``), or would make one path both a file and a directory (exports ``a`` and
    ``a/b``), the name is not split: it is one file in the top directory, each ``/`` written
    ``%2F`` and a leading ``.`` written ``%2E``.
-4. The default export (the empty name) is the file ``%default%``.
+4. The default export (the empty name) is the file ``%default%``. An export whose first
+   component would be ``.nbdfs-status`` (the daemon's status file in the top directory) is
+   written whole, as in rule 3.
 5. A component longer than 255 bytes (NAME_MAX) is cut to 200 bytes plus ``%~`` and 16 hex
-   digits of its SHA-256. This one is not reversible from the name alone; the xattr
-   ``user.nbd.export`` always holds the true name.
+   digits of its SHA-256. This one is not reversible from the name alone; ``nbdfs status``
+   (and, mounted with ``--xattr``, the xattr ``user.nbd.export``) tells the true name.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import hashlib
 from collections.abc import Iterable
 
 DEFAULT_EXPORT_FILE = "%default%"
+# The daemon's status, as JSON, in a read-only file of the top directory that a lookup finds
+# and a listing never shows (as s3ql's control file): what `nbdfs status` reads.
+STATUS_FILE = ".nbdfs-status"
 _NAME_MAX = 255
 
 
@@ -49,7 +54,7 @@ def export_paths(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
             path: tuple[str, ...] = (DEFAULT_EXPORT_FILE,)
         else:
             parts = name.split("/")
-            if any(p in ("", ".", "..") for p in parts):
+            if any(p in ("", ".", "..") for p in parts) or parts[0] == STATUS_FILE:
                 path = _whole(name)
             else:
                 path = tuple(_fit(p.replace("%", "%25")) for p in parts)

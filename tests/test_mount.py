@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -27,7 +28,10 @@ def test_each_export_is_a_file_of_its_size_with_names_escaped(tmp: Path) -> None
     sizes = {"disk one": 3 * MiB, "b": 4096, "100%": 512, ".hidden": 1024}
     for name, size in sizes.items():
         (exports / name).write_bytes(os.urandom(size))
-    with nbdkit("file", f"dir={exports}") as srv, mounted(srv.address, tmp / "mnt") as mnt:
+    with (
+        nbdkit("file", f"dir={exports}") as srv,
+        mounted(srv.address, tmp / "mnt", "--xattr") as mnt,
+    ):
         assert sorted(os.listdir(mnt)) == sorted(["disk one", "b", "100%25", ".hidden"])
         for name, size in sizes.items():
             path = mnt / name.replace("%", "%25")
@@ -42,6 +46,34 @@ def test_each_export_is_a_file_of_its_size_with_names_escaped(tmp: Path) -> None
             assert err.value.errno == errno.ENODATA
         vfs = os.statvfs(mnt)
         assert vfs.f_blocks * vfs.f_frsize >= sum(sizes.values())
+
+
+def test_without_xattr_the_kernel_is_told_once_and_status_is_a_hidden_file(tmp: Path) -> None:
+    """By default extended attributes are answered ENOSYS, which the kernel remembers: a
+    buffered write then costs no security.capability request (with --xattr, strace shows
+    one per write(2)). The status is the file .nbdfs-status, found by name, never listed."""
+    data = os.urandom(64 * 1024)
+    with nbdkit("memory", "1M") as srv, mounted(srv.address, tmp / "mnt") as mnt:
+        disk = mnt / "%default%"
+        with open(disk, "r+b") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        assert disk.read_bytes()[: len(data)] == data
+        for call in (lambda: os.getxattr(disk, "user.nbd.size"), lambda: os.listxattr(disk)):
+            with pytest.raises(OSError) as err:
+                call()
+            assert err.value.errno == errno.EOPNOTSUPP
+        assert os.listdir(mnt) == ["%default%"]
+        status = json.loads((mnt / ".nbdfs-status").read_bytes())
+        (export,) = status["exports"]
+        assert (export["name"], export["path"], export["bytes_written"]) == (
+            "",
+            "%default%",
+            len(data),
+        )
+        with pytest.raises(PermissionError):
+            open(mnt / ".nbdfs-status", "wb")
 
 
 def test_default_export_and_nested_names_on_nbd_server(tmp: Path) -> None:

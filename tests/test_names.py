@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdfs.names import DEFAULT_EXPORT_FILE, export_name, export_paths
+from nbdfs.names import DEFAULT_EXPORT_FILE, STATUS_FILE, export_name, export_paths
 
 CASES = {
     "": (DEFAULT_EXPORT_FILE,),
@@ -17,6 +17,8 @@ CASES = {
     "..": ("%2E.",),
     ".hidden": (".hidden",),
     "%default%": ("%25default%25",),
+    ".nbdfs-status": ("%2Enbdfs-status",),  # (the daemon's status file has that name)
+    ".nbdfs-status/x": ("%2Enbdfs-status%2Fx",),
 }
 
 
@@ -52,6 +54,7 @@ def test_paths_are_unique_valid_and_reversible(names: list[str]) -> None:
     files = set(paths.values())
     for name, path in paths.items():
         assert all(c not in ("", ".", "..") and "/" not in c and "\0" not in c for c in path)
+        assert path[0] != STATUS_FILE
         assert not any(path[:i] in files for i in range(1, len(path)))  # no file is a directory
         if all(len(c.encode()) <= 255 for c in path):
             assert export_name(path) == name
