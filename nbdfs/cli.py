@@ -361,8 +361,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     for e in status["exports"]:
         line = f"  {shlex.quote(e['name'])}: "
+        parts = [
+            f"    {p['path']}: {p['scheme']} partition {p['number']}, start {p['start']}, size"
+            f" {human_size(p['size'])}, type {p['type']}"
+            + (f", name {shlex.quote(p['name'])}" if p.get("name") else "")
+            for p in e.get("partitions", ())
+        ]
         if not e["active"]:
-            print(line + "not opened yet")
+            print(line + "not opened yet", *parts, sep="\n")
             continue
         if e.get("failed"):
             line += "FAILED (it changed on the server while disconnected: remount); "
@@ -376,6 +382,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f" {e['reconnects']}, retries {e['retries']}, timeouts {e['timeouts']}, errors"
             f" {e['errors']}, unflushed {human_size(e['unflushed'])}"
         )
+        for part in parts:
+            print(part)
     if "poll" in status:
         p = status["poll"]
         print(

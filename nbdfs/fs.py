@@ -682,6 +682,25 @@ class NbdFs(pyfuse3.Operations):
         }
         if node.io is not None:
             entry |= node.io.stats()
+        if node.partitions:
+            entry["partitions"] = [self._partition_status(p) for p in node.partitions]
+        return entry
+
+    def _partition_status(self, node: Node) -> dict[str, object]:
+        """A partition file's part of its export's status: where it is and what it is."""
+        part, disk = node.window, node.disk
+        assert part is not None and disk is not None and disk.export is not None
+        where = self._paths.get(disk.export.name, ())[:-1]
+        entry: dict[str, object] = {
+            "path": "/".join((*where, node.name.decode(errors="surrogateescape"))),
+            "number": part.number,
+            "scheme": part.scheme,
+            "start": part.start,
+            "size": part.size,
+            "type": part.type,
+        }
+        if part.scheme == "gpt":
+            entry |= {"name": part.name, "uuid": part.uuid}
         return entry
 
     def full_status(self) -> dict[str, object]:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from nbdfs.partitions import MAX_PARTITIONS, Partition, PartitionError, parse, parse_with
 
+from .conftest import run_nbdfs
 from .mounts import mounted
 from .servers import nbdkit, require_tool
 
@@ -262,6 +263,12 @@ def test_partition_files_on_a_real_mount(tmp_path: Path, script: str) -> None:
             path = mnt / f"disk.p{number}"
             assert path.stat().st_size == size
             assert os.getxattr(path, "user.nbd.partition.start") == str(start).encode()
+        # nbdfs status tells the same, with or without --xattr.
+        (export,) = json.loads(run_nbdfs("status", "--json", str(mnt)).stdout)["exports"]
+        told = sorted((p["number"], p["start"], p["size"]) for p in export["partitions"])
+        assert told == sorted(want)
+        assert all(p["path"] == f"disk.p{p['number']}" for p in export["partitions"])
+        assert f"    disk.p{first[0]}: " in run_nbdfs("status", str(mnt)).stdout
         # A write to the partition file lands at the partition's offset on the server.
         last = want[-1]
         fd = os.open(mnt / f"disk.p{last[0]}", os.O_RDWR)
