@@ -255,7 +255,7 @@ def test_partition_files_on_a_real_mount(tmp_path: Path, script: str) -> None:
     )
     with (
         nbdkit("file", f"dir={exports}") as srv,
-        mounted(srv.address, tmp_path / "mnt", "--partitions", "--xattr") as mnt,
+        mounted(srv.address, tmp_path / "mnt", "--partitions", "-o", "xattr") as mnt,
     ):
         shown = sorted(n for n in os.listdir(mnt) if n.startswith("disk.p"))
         assert shown == sorted(f"disk.p{n}" for n, _, _ in want)
