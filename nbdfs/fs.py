@@ -341,14 +341,19 @@ class NbdFs(pyfuse3.Operations):
     def _read_only(self, node: Node) -> bool:
         return self.config.readonly or (node.export is not None and node.export.read_only)
 
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _base_attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        """What every file's attributes share: owner, times, how long the kernel keeps them."""
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.InodeT(node.inode)
+        attr.st_ino = pyfuse3.InodeT(inode)
         attr.entry_timeout = ATTR_TIMEOUT
         attr.attr_timeout = ATTR_TIMEOUT
         attr.st_uid = self.config.uid
         attr.st_gid = self.config.gid
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mtime_ns
+        return attr
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = self._base_attr(node.inode)
         if node.export is None:
             attr.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
             attr.st_nlink = 2 + sum(1 for c in node.children.values() if c.export is None)
@@ -612,15 +617,10 @@ class NbdFs(pyfuse3.Operations):
     # -- the status file -----------------------------------------------------------------
 
     def _status_attr(self) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.InodeT(STATUS_INODE)
-        attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
+        attr = self._base_attr(STATUS_INODE)
         attr.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
         attr.st_nlink = 1
         attr.st_size = 0  # (its length is known only when read; opened for direct I/O)
-        attr.st_uid = self.config.uid
-        attr.st_gid = self.config.gid
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mtime_ns
         return attr
 
     def _open_status(self, writable: bool) -> pyfuse3.FileInfo:
@@ -629,7 +629,7 @@ class NbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         fh = self._next_fh
         self._next_fh += 1
-        self._snapshots[fh] = json.dumps(self.full_status()).encode()
+        self._snapshots[fh] = json.dumps(self.status()).encode()
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True)
 
     def _read_status(self, fh: int, off: int, size: int) -> bytes:
@@ -658,64 +658,39 @@ class NbdFs(pyfuse3.Operations):
         if export.block_size:
             b = export.block_size
             out[b"block_size"] = f"{b.minimum} {b.preferred} {b.maximum}".encode()
-        part = node.window
-        if part is not None:
+        if node.window is not None:  # partition (its number), partition.start, ...
             out |= {
-                b"partition": str(part.number).encode(),
-                b"partition.scheme": part.scheme.encode(),
-                b"partition.start": str(part.start).encode(),
-                b"partition.size": str(part.size).encode(),
-                b"partition.type": part.type.encode(),
+                b"partition" + (b"" if k == "number" else b"." + k.encode()): str(v).encode()
+                for k, v in node.window.facts().items()
             }
-            if part.scheme == "gpt":
-                out[b"partition.name"] = part.name.encode()
-                out[b"partition.uuid"] = part.uuid.encode()
         return {XATTR_PREFIX + k: v for k, v in out.items()}
 
-    def export_status(self, node: Node) -> dict[str, object]:
-        """One export's part of ``nbdfs status``: from memory."""
+    def export_status(self, node: Node, path: tuple[str, ...]) -> dict[str, object]:
+        """One export's part of ``nbdfs status`` (its file at ``path``): from memory."""
         assert node.export is not None
         entry: dict[str, object] = {
             "name": node.export.name,
-            "path": "/".join(self._paths.get(node.export.name, ())),
+            "path": "/".join(path),
             "active": node.io is not None,
         }
         if node.io is not None:
             entry |= node.io.stats()
-        if node.partitions:
-            entry["partitions"] = [self._partition_status(p) for p in node.partitions]
+        parts = []
+        for p in node.partitions:  # (files next to the export's)
+            assert p.window is not None
+            where = "/".join((*path[:-1], p.name.decode(errors="surrogateescape")))
+            parts.append({"path": where, **p.window.facts()})
+        if parts:
+            entry["partitions"] = parts
         return entry
-
-    def _partition_status(self, node: Node) -> dict[str, object]:
-        """A partition file's part of its export's status: where it is and what it is."""
-        part, disk = node.window, node.disk
-        assert part is not None and disk is not None and disk.export is not None
-        where = self._paths.get(disk.export.name, ())[:-1]
-        entry: dict[str, object] = {
-            "path": "/".join((*where, node.name.decode(errors="surrogateescape"))),
-            "number": part.number,
-            "scheme": part.scheme,
-            "start": part.start,
-            "size": part.size,
-            "type": part.type,
-        }
-        if part.scheme == "gpt":
-            entry |= {"name": part.name, "uuid": part.uuid}
-        return entry
-
-    def full_status(self) -> dict[str, object]:
-        """What the status file holds: the mount's part and each export's in the tree, in
-        path order."""
-        paths = self._paths
-        shown = [n for n in self.exports if n.export is not None and n.export.name in paths]
-        shown.sort(key=lambda n: paths[n.export.name] if n.export is not None else ())
-        return self.status() | {"exports": [self.export_status(n) for n in shown]}
 
     def status(self) -> dict[str, object]:
-        """The mount's part of ``nbdfs status``, from memory."""
+        """What the status file holds, from memory: the mount's part, and each export's in
+        the tree in path order."""
+        in_tree = [(path, self._lookup_path(path)) for path in sorted(self._paths.values())]
         out: dict[str, object] = {
             "server": self.config.target.describe(),
-            "exports": len(self.exports),
+            "exports": [self.export_status(n, path) for path, n in in_tree if n is not None],
             "active": sum(1 for n in self.exports if n.io is not None),
             "cache": {"used": self._store.currsize, "capacity": self._store.capacity},
         }

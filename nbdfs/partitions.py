@@ -55,6 +55,19 @@ class Partition:
     def end(self) -> int:
         return self.start + self.size
 
+    def facts(self) -> dict[str, int | str]:
+        """What it is, as ``nbdfs status`` and the ``user.nbd.partition.*`` xattrs tell it."""
+        out: dict[str, int | str] = {
+            "number": self.number,
+            "scheme": self.scheme,
+            "start": self.start,
+            "size": self.size,
+            "type": self.type,
+        }
+        if self.scheme == "gpt":
+            out |= {"name": self.name, "uuid": self.uuid}
+        return out
+
 
 Steps = Generator[Read, bytes, list[Partition]]
 
