@@ -153,6 +153,17 @@ class BlockCache:
                 self.hits += 1
         return entry, piece
 
+    def hit(self, block: int, lo: int, hi: int) -> Entry | None:
+        """The entry holding bytes ``lo`` to ``hi`` of the block, counted as a hit; None,
+        counted as nothing, if there is none (the caller goes on to :meth:`lookup`)."""
+        if self._lru is None:
+            return None
+        entry = self._lru.get((self._owner, block))
+        if entry is None or (isinstance(entry, Piece) and not entry.holds(lo, hi)):
+            return None
+        self.hits += 1
+        return entry
+
     def lookup(
         self, block: int, length: int, lo: int, hi: int | None, sector: int, count: bool = True
     ) -> tuple[Entry | Fetch, bool]:

@@ -126,3 +126,17 @@ def test_lookup_answers_hit_join_or_miss_in_one_call() -> None:
     c.end_fetch(0, whole, b"w" * CB)
     assert c.lookup(0, CB, 0, None, 512) == (b"w" * CB, False)
     assert c.hits == 2 and c.misses == 3
+
+
+def test_hit_answers_only_what_is_cached_and_counts_only_hits() -> None:
+    """The warm read's shortcut: a miss through it counts nothing, since the reader then
+    asks :meth:`BlockCache.lookup`, which counts it."""
+    c = cache()
+    assert c.hit(0, 0, 512) is None
+    fetch(c, 0, b"w" * CB)
+    fetch(c, 1, b"p" * 512)
+    assert c.hit(0, 100, 200) == b"w" * CB
+    assert c.hit(1, 0, 512) == Piece(0, b"p" * 512)
+    assert c.hit(1, 0, 513) is None  # (beyond the piece)
+    assert c.hit(2, 0, 512) is None
+    assert (c.hits, c.misses) == (2, 0)
