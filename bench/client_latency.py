@@ -31,6 +31,7 @@ from nbdfs.tls import TlsConfig
 
 REQUEST = struct.Struct(">IHHQQI")
 CHUNK = struct.Struct(">IHHQI")  # a structured reply chunk's header (nbdfs negotiates them)
+SIMPLE = struct.Struct(">IIQ")  # a simple reply: magic, error, cookie
 
 
 class MinimalClient:
@@ -71,12 +72,49 @@ class MinimalClient:
         await done.wait()
 
 
-async def open_minimal(uri: str) -> tuple[trio.SocketStream, MinimalClient, int]:
+class MinimalWriter(MinimalClient):
+    """The least a trio NBD client does for writes and flushes: ``os.writev`` of header
+    and payload (waiting only while the socket is full), a reader task parsing the simple
+    replies the servers here send to them (so: a connection of its own; no checks)."""
+
+    async def reader(self) -> None:
+        reply = memoryview(bytearray(SIMPLE.size))
+        while True:
+            await self._receive_exactly(reply)
+            self.waiting.pop(SIMPLE.unpack(reply)[2])[0].set()
+
+    async def _command(self, cmd: int, offset: int, data: bytes | memoryview) -> None:
+        self.cookie += 1
+        done = trio.Event()
+        self.waiting[self.cookie] = (done, memoryview(b""))
+        out = [REQUEST.pack(0x25609513, 0, cmd, self.cookie, offset, len(data)), data]
+        while out:
+            try:
+                sent = os.writev(self.fd, out)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            while out and sent >= len(out[0]):
+                sent -= len(out.pop(0))
+            if sent:
+                out[0] = memoryview(out[0])[sent:]
+        await done.wait()
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        await self._command(1, offset, data)  # NBD_CMD_WRITE
+
+    async def flush(self) -> None:
+        await self._command(3, 0, b"")  # NBD_CMD_FLUSH
+
+
+async def open_minimal(
+    uri: str, kind: type[MinimalClient] = MinimalClient
+) -> tuple[trio.SocketStream, MinimalClient, int]:
     """nbdfs's handshake, then the minimal client on its socket; and the export's size."""
     target = parse_target(uri)
     stream, session = await _handshake(target, TlsConfig(), lambda hs: hs.go(target.export or ""))
     assert isinstance(stream, trio.SocketStream)
-    return stream, MinimalClient(stream.socket), session.export.size or 0
+    return stream, kind(stream.socket), session.export.size or 0
 
 
 async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:

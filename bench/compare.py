@@ -383,7 +383,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                 ]
                 if ceiling_too:
                     order.append((NOOP, ceiling, (size,)))
-                    if "QD16" in name:  # (it forwards reads only; the CPU target's row)
+                    if "QD16" in name or "seq write" in name:  # (its CPU target; writes)
                         order.append((FORWARD, forward, ()))
                     if "cold" in name and "rand" in name:  # what the cache's first fill costs
                         order.append((NOCACHE, nbdfs, ([*extra, "--cache-size", "0"],)))
@@ -507,8 +507,8 @@ def main() -> None:
         " without any network, as a ratio to nbdfuse: the most any pyfuse3 daemon reaches"
         " on this machine.\n"
         f"- *{FORWARD}*: bench/pyfuse3_forward.py, the same file system forwarding each read"
-        " to one minimal NBD connection (no cache, no checks): the most a pyfuse3 + trio NBD"
-        " daemon reaches here.\n"
+        " to one minimal NBD connection and each write and fsync to another (no cache, no"
+        " checks): the most a pyfuse3 + trio NBD daemon reaches here.\n"
         f"- *{NOCACHE}*: nbdfs with its block cache off, in the cold random rows: the cost of"
         " the cache's first fill, which every cold figure pays.\n"
     )

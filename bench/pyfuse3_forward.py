@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The least a pyfuse3 + trio NBD daemon does: the no-op file system, forwarding reads.
+"""The least a pyfuse3 + trio NBD daemon does: the no-op file system, forwarding reads
+and writes.
 
     .venv/bin/python bench/pyfuse3_forward.py MOUNTPOINT nbd://HOST:PORT/[EXPORT]
 
@@ -7,10 +8,12 @@
 reads each become one NBD_CMD_READ on one connection (nbdfs's handshake, then
 ``os.write`` of the header and a reader task parsing each reply chunk with ``struct``, as
 ``bench/client_latency.py --minimal``; no cache, no checks, one structured chunk per
-reply assumed). Its CPU per request under fio is the floor of nbdfs's: the two floors
-compare.py reports measure each half alone, and together they cost more than their sum
-(the waits for the server and the wake-ups between the halves). Foreground until
-unmounted; for measuring by hand (fio as bench/compare.py runs it).
+reply assumed), and whose writes each become one NBD_CMD_WRITE (``os.writev`` of header
+and payload) and fsync one NBD_CMD_FLUSH, on a second connection. Its CPU per request
+under fio, and its rate under dd, is the floor of nbdfs's: the two floors compare.py
+reports measure each half alone, and together they cost more than their sum (the waits
+for the server and the wake-ups between the halves). Foreground until unmounted; for
+measuring by hand (fio as bench/compare.py runs it).
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from client_latency import MinimalClient, open_minimal
+from client_latency import MinimalClient, MinimalWriter, open_minimal
 from pyfuse3_ceiling import Nothing
 
 
 class Forward(Nothing):
-    def __init__(self, size: int, client: MinimalClient) -> None:
+    def __init__(self, size: int, client: MinimalClient, writer: MinimalWriter) -> None:
         super().__init__(size)
-        self.client = client
+        self.client, self.writer = client, writer
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         size = max(0, min(size, self.size - off))
@@ -39,13 +42,24 @@ class Forward(Nothing):
         await self.client.read(off, size, buf)
         return buf[8:]  # type: ignore[return-value]
 
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        data = memoryview(buf)[: max(0, self.size - off)]
+        await self.writer.write(off, data)
+        return len(data)
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.writer.flush()
+
 
 async def serve(mountpoint: str, uri: str) -> None:
     _, client, size = await open_minimal(uri)
-    fs = Forward(size, client)
+    _, writer, _ = await open_minimal(uri, MinimalWriter)
+    assert isinstance(writer, MinimalWriter)
+    fs = Forward(size, client, writer)
     pyfuse3.init(fs, mountpoint, set(pyfuse3.default_options) | {"fsname=forward"})
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.reader)
+        nursery.start_soon(writer.reader)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
