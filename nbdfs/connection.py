@@ -494,6 +494,8 @@ class Connection:
         cookie, header = self.core.request(cmd, offset, length, flags, data, into)
         self._waiters[cookie] = waiter
         await self._send(*((header,) if data is None else (header, data)))
+        if cmd == Cmd.READ:
+            self.core.prepare(cookie)
         await waiter.event.wait()
         if waiter.error is not None:
             raise waiter.error

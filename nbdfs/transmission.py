@@ -98,6 +98,12 @@ class _Pending:
     message: str = ""
     extents: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
+    def buffer(self) -> bytearray:
+        """A read's buffer, zeroed (a hole reads as zeroes), made on first use."""
+        if self.buf is None:
+            self.buf = bytearray(self.length)
+        return self.buf
+
 
 class Transmission:
     """The client side of one connection's transmission phase."""
@@ -150,7 +156,7 @@ class Transmission:
         """Encode one request; return its cookie and the header to send (before ``data``).
 
         ``into``: for READ, a zeroed buffer of ``length`` bytes to receive into (default: a
-        new one).
+        new one, made by :meth:`prepare` or when the reply comes).
 
         Raises:
             LocalProtocolError: the export does not allow this request.
@@ -194,9 +200,17 @@ class Transmission:
         if cmd == Cmd.READ:
             if into is not None and len(into) != length:
                 raise LocalProtocolError("READ buffer does not match its length")
-            pending.buf = bytearray(length) if into is None else into
+            pending.buf = into
         self._pending[cookie] = pending
         return cookie, wire.REQUEST.pack(wire.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+    def prepare(self, cookie: int) -> None:
+        """Make a read's buffer now, if it has none yet and no reply finished it: called
+        once the request is sent, so that the memory (new to the process while a cache
+        grows: page faults) is made while the server works, not after its reply came."""
+        pending = self._pending.get(cookie)
+        if pending is not None and pending.cmd == Cmd.READ:
+            pending.buffer()
 
     def disconnect(self) -> bytes:
         """Encode NBD_CMD_DISC; no request may follow, and it gets no reply."""
@@ -299,10 +313,9 @@ class Transmission:
     def _start_sink(self, kind: int, flags: int, cookie: int, length: int) -> bool:
         """Begin copying a read payload into its buffer; False until its offset is here."""
         pending = self._pending[cookie]
-        assert pending.buf is not None
         if kind == 0:  # a simple reply to READ: the whole request's data
             pending.covered = pending.length
-            dest = memoryview(pending.buf)
+            dest = memoryview(pending.buffer())
             done = True
         else:
             if self.pending_bytes() < 8:
@@ -313,7 +326,7 @@ class Transmission:
             size = length - 8
             self._content(pending, offset, size)
             start = offset - pending.offset
-            dest = memoryview(pending.buf)[start : start + size]
+            dest = memoryview(pending.buffer())[start : start + size]
             done = bool(flags & wire.REPLY_FLAG_DONE)
         self._head = None
         take = min(self.pending_bytes(), len(dest))
@@ -485,7 +498,7 @@ class Transmission:
             if len(p.extents) != len(self._contexts):
                 raise ProtocolError("server ended block status without one chunk per context")
             return Reply(cookie, extents=p.extents)
-        return Reply(cookie, data=p.buf)
+        return Reply(cookie, data=p.buffer() if p.cmd == Cmd.READ else None)
 
 
 def _type_name(rtype: int) -> str:

@@ -89,6 +89,26 @@ def test_structured_read_in_chunks_out_of_order_with_hole(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_read_buffer_is_made_when_prepared_or_when_the_reply_needs_it(mode: str) -> None:
+    """Connection.request prepares a read's buffer once the request is sent (the memory
+    made while the server works); a reply that comes first, or is all holes, makes it."""
+    t = core()
+    prepared, _ = t.request(Cmd.READ, 0, 4)
+    t.prepare(prepared)
+    holes, _ = t.request(Cmd.READ, 512, 6)
+    data = chunk(holes, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.pack(512, 6), done=True)
+    data += chunk(prepared, ReplyType.OFFSET_DATA, wire.U64.pack(0) + b"abcd", done=True)
+    first, second = feed_all(t, data, mode)
+    assert (first.cookie, first.data) == (holes, bytearray(6))
+    assert (second.cookie, second.data) == (prepared, b"abcd")
+    t.prepare(prepared)  # (after its reply: nothing to do)
+    write, _ = t.request(Cmd.WRITE, 0, 2, data=b"hi")
+    t.prepare(write)  # (not a read: nothing to make)
+    (reply,) = feed_all(t, simple(write), mode)
+    assert reply.data is None
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_replies_are_matched_by_cookie_in_any_order(mode: str) -> None:
     t = core(structured=False)
     c1, _ = t.request(Cmd.WRITE, 0, 3, data=b"xyz")
