@@ -14,9 +14,10 @@ sequential write + fsync (dd conv=fsync), 4 KiB random read at queue depth 1 and
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB working set, and nbdcopy to
 null as the raw NBD ceiling. In the loopback profile also the two floors: a pyfuse3 file
 system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD client
-(bench/client_latency.py --minimal), and, in the 4 KiB QD16 row, the two composed
-(bench/pyfuse3_forward.py: the no-op file system forwarding each read to that client),
-and, in the cold random rows, nbdfs with --cache-size 0 (what the cache's first fill costs).
+(bench/client_latency.py --minimal), and, in the cold random rows, nbdfs with
+--cache-size 0 (what the cache's first fill costs). In the loopback and link profiles,
+in the seq write and cold random rows, the two floors composed (bench/pyfuse3_forward.py:
+the no-op file system forwarding each read and write to minimal NBD connections).
 
 Prints one table per profile: medians, the nbdfs/nbdfuse ratio and its range over the
 rounds, the issue's target for the row, the daemons' CPU per request or MiB, the floors,
@@ -360,6 +361,8 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
     extra = list(args.nbdfs_option) + (["--tls-certificates", str(pki)] if profile.tls else [])
     certificates = libnbd_certificates(pki) if profile.tls else contextlib.nullcontext()
     ceiling_too = args.ceiling and profile.delay_ms is None and not profile.tls
+    # (the forwarder also over the link: the floor of a daemon whose requests wait on it)
+    forward_too = args.ceiling and not profile.tls
     with (
         certificates,
         server(size, work, args.rate, profile.delay_ms, pki if profile.tls else None) as uri,
@@ -383,10 +386,10 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                 ]
                 if ceiling_too:
                     order.append((NOOP, ceiling, (size,)))
-                    if "QD16" in name or "seq write" in name:  # (its CPU target; writes)
-                        order.append((FORWARD, forward, ()))
-                    if "cold" in name and "rand" in name:  # what the cache's first fill costs
-                        order.append((NOCACHE, nbdfs, ([*extra, "--cache-size", "0"],)))
+                if forward_too and ("QD" in name or "seq write" in name):
+                    order.append((FORWARD, forward, ()))
+                if ceiling_too and "cold" in name and "rand" in name:  # the cache's first fill
+                    order.append((NOCACHE, nbdfs, ([*extra, "--cache-size", "0"],)))
                 if r % 2:
                     order.reverse()  # alternate who goes first
                 for tool, mount, more in order:
@@ -451,8 +454,9 @@ def main() -> None:
         "--no-ceiling",
         dest="ceiling",
         action="store_false",
-        help="skip the floors of the loopback profile (the no-op pyfuse3 file system,"
-        " bench/pyfuse3_ceiling.py, and the minimal client of bench/client_latency.py)",
+        help="skip the floors (the no-op pyfuse3 file system, bench/pyfuse3_ceiling.py,"
+        " the minimal client of bench/client_latency.py, the forwarder of"
+        " bench/pyfuse3_forward.py)",
     )
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument(
@@ -519,7 +523,7 @@ def main() -> None:
 
 
 def report(profile: Profile, res: Results) -> str:
-    noop = any(NOOP in per for per in res.values.values())
+    noop = any(t in per for per in res.values.values() for t in (NOOP, FORWARD, NOCACHE))
     lines = [
         f"## {profile.title}",
         "",
