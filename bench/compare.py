@@ -523,14 +523,14 @@ def main() -> None:
 
 
 def report(profile: Profile, res: Results) -> str:
-    noop = any(t in per for per in res.values.values() for t in (NOOP, FORWARD, NOCACHE))
+    floors = any(t in per for per in res.values.values() for t in (NOOP, FORWARD, NOCACHE))
     lines = [
         f"## {profile.title}",
         "",
         "| workload | unit | nbdfuse | nbdfs | nbdfs/nbdfuse | range | target | met |"
         " CPU nbdfs, nbdfuse |"
-        + (f" {NOOP} / nbdfuse | {FORWARD} / nbdfuse | {NOCACHE} / nbdfuse |" if noop else ""),
-        "|---|---|---:|---:|---:|---:|---:|:-:|---:|" + ("---:|---:|---:|" if noop else ""),
+        + (f" {NOOP} / nbdfuse | {FORWARD} / nbdfuse | {NOCACHE} / nbdfuse |" if floors else ""),
+        "|---|---|---:|---:|---:|---:|---:|:-:|---:|" + ("---:|---:|---:|" if floors else ""),
     ]
     raw = statistics.median(res.values.get(RAW, {}).get("nbdcopy", [0]))
     for name, per in res.values.items():
@@ -544,7 +544,7 @@ def report(profile: Profile, res: Results) -> str:
             f"| {name} | {res.units[name]} | {a:.0f} | {b:.0f} | {b / a:.2f} | {_spread(per)} |"
             f" {'' if target is None else f'{target:g}'} | {met} | {cb:.0f}, {ca:.0f} |"
         )
-        if noop:
+        if floors:
             line += "".join(
                 f" {statistics.median(per[t]) / a:.2f} |" if t in per else " |"
                 for t in (NOOP, FORWARD, NOCACHE)

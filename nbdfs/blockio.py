@@ -111,6 +111,12 @@ def _bytes_of(entry: Entry) -> tuple[Block, int]:
     return (entry.data, entry.lo) if isinstance(entry, Piece) else (entry, 0)
 
 
+def _part(data: Block, base: int, lo: int, hi: int) -> Block:
+    """Bytes ``lo`` to ``hi`` of a block whose ``data`` starts at ``base``: ``data`` itself
+    when that is all of them, else a view (no copy)."""
+    return data if lo == base and hi - lo == len(data) else memoryview(data)[lo - base : hi - base]
+
+
 def _one_run(used: list[Block]) -> RunBuffer | None:
     """The run buffer that holds all these (consecutive) blocks' bytes, if one does."""
     first = used[0]
@@ -216,12 +222,7 @@ class ExportIO:
             if hit is not None:
                 self._readahead, self._next_sequential = 0, end
                 self._ahead.discard(first)
-                data, base = _bytes_of(self.cache.own(first, hit))
-                return (
-                    data
-                    if lo == base and hi - lo == len(data)
-                    else memoryview(data)[lo - base : hi - base]
-                )
+                return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
         # A sequential reader gets whole blocks (and read-ahead); a read at random only the
         # sectors it asks for, in a block it touches the first time.
         span = None if sequential else (offset, end)
@@ -252,8 +253,9 @@ class ExportIO:
                     entry = self.cache.own(b, entry)
             data, base = _bytes_of(entry)
             used.append(data)
-            exact = lo == base and hi - lo == len(data)
-            parts.append(data if exact else memoryview(data)[lo - base : hi - base])
+            part = _part(data, base, lo, hi)
+            parts.append(part)
+            exact = part is data
             if sequential and fresh and exact and not base:
                 # Fetched for a sequential reader, which is done with it now (and the
                 # kernel's page cache has it unless O_DIRECT): forget it, so a long scan
