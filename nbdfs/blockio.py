@@ -24,6 +24,7 @@ from .errors import NbdError, ReadFailed
 from .extents import Extents
 from .journal import Change, Kind
 from .pool import ExportPool
+from .readahead import ReadAhead, Run
 from .session import Geometry
 from .wire import META_CONTEXT_ALLOCATION, StateFlag, TransmissionFlag
 
@@ -34,6 +35,7 @@ STATUS_MAX = 1 << 30  # bytes asked about per NBD_CMD_BLOCK_STATUS
 ALLOCATED_MAX_ASKS = 32  # block status requests one allocation count may take, at most
 
 READAHEAD_MAX = 8 * 1024 * 1024  # how far ahead a sequential reader is served
+UNALIGNED_SIZE = "the export's size is not a multiple of its minimum block"
 
 
 class RunBuffer(bytearray):
@@ -142,10 +144,11 @@ class ExportIO:
         self._sector = geometry.sector
         self._store = store
         self._ranges = RangeLock()
-        self._next_sequential = -1
-        self._readahead = 0
-        self._ahead: set[int] = set()  # blocks read ahead and not yet read
+        self._next_sequential = -1  # where a read that continues the last one starts
         self.cache = BlockCache(store, geometry.cache_block)
+        # (a quarter of the cache at most: read-ahead must not take more than caching)
+        limit = min(READAHEAD_MAX, max(store.capacity // 4, geometry.cache_block))
+        self._ahead = ReadAhead(limit, self.size, self.maximum, self.minimum)
         self._use_fua = bool(pool.flags & TransmissionFlag.SEND_FUA)
         self._use_zeroes = bool(pool.flags & TransmissionFlag.SEND_WRITE_ZEROES)
         self.can_trim = bool(pool.flags & TransmissionFlag.SEND_TRIM)
@@ -198,78 +201,107 @@ class ExportIO:
     async def read(
         self, offset: int, length: int, *, reader: bool = True
     ) -> bytes | bytearray | memoryview:
-        """Bytes ``offset`` to ``offset + length`` (clamped to the export) through the
-        cache: each block's cached bytes, or the fetch in flight it joins, or a new fetch;
-        then sliced. ``reader`` False: the read of a read-modify-write, which counts no hit
+        """Bytes ``offset`` to ``offset + length`` (clamped to the export): for a reader
+        who goes on from where its last read ended, from the runs read ahead of it
+        (:mod:`.readahead`); else through the cache: each block's cached bytes, or the
+        fetch in flight it joins, or a new fetch; then sliced. ``reader`` False: the read of a read-modify-write, which counts no hit
         or miss and leaves the sequential detector and read-ahead alone."""
         if self.pool.failed is not None:
             if self.cache.used:  # (cached bytes are of another disk: dropped once)
                 self.cache.clear()
+            self._ahead.clear()
             raise self.pool.failed
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
         if not self.cache.enabled:
             return await self._read_direct(offset, end)
-        sequential = reader and offset == self._next_sequential
+        if reader:
+            sequential = offset == self._next_sequential
+            self._next_sequential = end
+            if sequential:
+                return await self._read_ahead(offset, end)
+            self._ahead.restart()
         cb = self.cache.block_size
         first, last = offset // cb, (end - 1) // cb
-        if first == last and reader and not sequential:
+        if first == last and reader:
             # The usual warm read, at random inside one cached block: what the rest of
             # this method does for it, without its lists and loops.
             lo, hi = offset - first * cb, end - first * cb
             hit = self.cache.hit(first, lo, hi)
             if hit is not None:
-                self._readahead, self._next_sequential = 0, end
-                self._ahead.discard(first)
                 return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
-        # A sequential reader gets whole blocks (and read-ahead); a read at random only the
-        # sectors it asks for, in a block it touches the first time.
-        span = None if sequential else (offset, end)
-        fetches, mine = self._fetches_for(range(first, last + 1), span, reader, inline=True)
-        if reader:
-            self._maybe_readahead(offset, end, last)
+        # Only the sectors asked for, in a block touched the first time.
+        fetches, mine = self._fetches_for(
+            range(first, last + 1), (offset, end), count=reader, inline=True
+        )
         if mine:
             await self._fetch_run(mine)  # in this task: no task to spawn and wake
         parts = []
         used: list[Block] = []
         for b, item in fetches:
             lo, hi = max(offset - b * cb, 0), min(end - b * cb, cb)
-            fresh = b in self._ahead  # read ahead, never read until now
-            if fresh:
-                self._ahead.discard(b)
             if isinstance(item, Fetch):
-                fresh = not item.keep
                 if not item.done.is_set():  # (mine is: no pass through the scheduler)
                     await item.done.wait()
                 entry = item.data
                 if entry is None or (isinstance(entry, Piece) and not entry.holds(lo, hi)):
                     entry = await self._wait(b, item, lo, hi)
             else:
-                entry = item
-                if not sequential:
-                    # A block read ahead that random reads use: keep a copy of its own, so
-                    # a hot block never pins the whole run it arrived with.
-                    entry = self.cache.own(b, entry)
+                # A block that came with a larger read: a copy of its own, so a hot block
+                # never pins the whole buffer it arrived in.
+                entry = self.cache.own(b, item)
             data, base = _bytes_of(entry)
             used.append(data)
-            part = _part(data, base, lo, hi)
-            parts.append(part)
-            exact = part is data
-            if sequential and fresh and exact and not base:
-                # Fetched for a sequential reader, which is done with it now (and the
-                # kernel's page cache has it unless O_DIRECT): forget it, so a long scan
-                # neither evicts the working set nor grows the heap block by block;
-                # read-ahead refills from the memory this frees.
-                self.cache.forget(b)
-        # pyfuse3 takes any buffer: a slice of one block, or of one run read ahead, is
-        # passed on without a copy.
+            parts.append(_part(data, base, lo, hi))
+        # pyfuse3 takes any buffer: a slice of one block, or of the buffer one request for
+        # several blocks was received into, is passed on without a copy.
         if len(parts) == 1:
             return parts[0]
         run = _one_run(used)
         if run is not None:
             return memoryview(run)[offset - run.start : end - run.start]
         return b"".join(parts)
+
+    async def _read_ahead(self, offset: int, end: int) -> bytes | memoryview:
+        """A sequential reader's bytes, from the runs read ahead of it (any it finds missing
+        read in its own task), and the runs that keep it served a window ahead."""
+        a0, a1 = offset - offset % self.minimum, end + (-end % self.minimum)
+        runs, missing = self._ahead.cover(a0, a1)
+        for run in [*missing[:-1], *self._ahead.top_up(a1)]:
+            self.pool.tasks.start_soon(self._fetch_ahead, run)
+        if missing:
+            await self._fetch_ahead(missing[-1])  # in this task: no task to spawn and wake
+        parts = []
+        for run in runs:
+            if not run.done.is_set():
+                await run.done.wait()
+            if run.data is None:
+                raise run.error or ReadFailed(f"reading {run.start}+{run.end - run.start} failed")
+            lo = max(offset, run.start) - run.start
+            parts.append(memoryview(run.data)[lo : min(end, run.end) - run.start])
+        # (pyfuse3 takes any buffer: a read inside one run is a view of it, no copy)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _fetch_ahead(self, run: Run) -> None:
+        """Read a run ahead; a failed one is dropped (its readers get the error, later ones
+        ask again)."""
+        start, size = run.start, run.end - run.start
+        try:
+            if run.end > self.size:
+                raise ReadFailed(UNALIGNED_SIZE)
+            run.data = await self.pool.run(lambda c: c.read(start, size))
+            self.bytes_read += size
+        except NbdError as exc:
+            log.info("export %r: read of %d+%d failed: %s", self.pool.name, start, size, exc)
+            run.error = exc
+        except BaseException:  # cancelled: its other readers must not wait forever
+            run.error = ReadFailed(f"reading {start}+{size} of {self.pool.name!r} stopped")
+            raise
+        finally:
+            if run.data is None:
+                self._ahead.discard(start, run.end)
+            run.done.set()
 
     async def _wait(self, b: int, fetch: Fetch, lo: int, hi: int) -> Entry:
         """The entry holding bytes ``lo`` to ``hi`` of block ``b``, once ``fetch`` is done.
@@ -294,18 +326,18 @@ class ExportIO:
     def _fetches_for(
         self,
         blocks: range,
-        span: tuple[int, int] | None,
+        span: tuple[int, int],
         count: bool = True,
         inline: bool = False,
     ) -> tuple[list[tuple[int, Entry | Fetch]], list[tuple[int, Fetch]]]:
         """For each block, its cached bytes or the fetch that will bring them.
 
-        ``span``: the bytes a read at random asks for; a block it touches the first time
-        is fetched only in part (the sectors in the span), otherwise whole. Fetches are
+        ``span``: the bytes the read asks for; a block it touches the first time is
+        fetched only in part (the sectors in the span), otherwise whole. Fetches are
         started here, a run of adjacent blocks per request, each in a task of its own; with
         ``inline`` the last run is returned instead, for the caller to await
         :meth:`_fetch_run` on itself. ``count``: whether lookups count as cache hits and
-        misses (not for read-ahead).
+        misses (not for a read-modify-write's reads).
         """
         out: list[tuple[int, Entry | Fetch]] = []
         runs: list[list[tuple[int, Fetch]]] = []
@@ -315,7 +347,7 @@ class ExportIO:
         for b in blocks:
             b0 = b * cb
             size = self._length(b)
-            lo, hi = (0, None) if span is None else (max(span[0] - b0, 0), min(span[1] - b0, size))
+            lo, hi = max(span[0] - b0, 0), min(span[1] - b0, size)
             item, started = self.cache.lookup(b, size, lo, hi, self._sector, count)
             if started:
                 assert isinstance(item, Fetch)
@@ -342,35 +374,6 @@ class ExportIO:
             self.pool.tasks.start_soon(self._fetch_run, r)
         return out, mine
 
-    def _maybe_readahead(self, offset: int, end: int, last: int) -> None:
-        """Keep a sequential reader's next blocks coming, in few large requests.
-
-        The window doubles with each sequential read, up to READAHEAD_MAX (or a quarter of
-        the cache). New fetches start only when less than half the window is cached or on its
-        way, and then fill the rest of it at once: NBD requests of up to the maximum payload
-        instead of one per block.
-        """
-        if offset != self._next_sequential:
-            self._readahead = 0
-            self._next_sequential = end
-            return
-        self._next_sequential = end
-        cb = self.cache.block_size
-        limit = min(READAHEAD_MAX, max(self._store.capacity // 4, cb))
-        self._readahead = min(max(self._readahead * 2, 4 * cb), limit)
-        window = self._readahead // cb
-        top = min((self.size - 1) // cb, last + window)
-        b = last + 1
-        while b <= top and (self.cache.holds(b) or self.cache.fetching(b) is not None):
-            b += 1
-        if b <= top and b - last <= window // 2 + 1:
-            fetches, _ = self._fetches_for(range(b, top + 1), None, count=False)
-            if len(self._ahead) > 4 * READAHEAD_MAX // cb:
-                self._ahead.clear()  # marks of blocks evicted unread; losing them is harmless
-            self._ahead.update(
-                blk for blk, item in fetches if isinstance(item, Fetch) and not item.keep
-            )
-
     async def _fetch_run(self, run: list[tuple[int, Fetch]]) -> None:
         cb = self.cache.block_size
         start = run[0][0] * cb + run[0][1].lo
@@ -380,7 +383,7 @@ class ExportIO:
         error: Exception | None = None
         try:
             if aligned_end > self.size:
-                raise ReadFailed("the export's size is not a multiple of its minimum block")
+                raise ReadFailed(UNALIGNED_SIZE)
             size = aligned_end - start
             if len(run) == 1:
                 data = await self.pool.run(lambda c: c.read(start, size))
@@ -464,7 +467,7 @@ class ExportIO:
         cb = self.cache.block_size
         blocks = range(offset // cb, (end - 1) // cb + 1)
         started = self.cache.start_write(blocks)
-        self.extents.forget(offset, end)
+        self._forget(offset, end)
         use_fua = fua and self._use_fua
         view = memoryview(data)
         ok = False
@@ -495,7 +498,14 @@ class ExportIO:
                     else:
                         updates[b] = self.cache.patch(b, lo - b0, view[lo - offset : hi - offset])
             self.cache.end_write(started, updates, ok)
-            self.extents.forget(offset, end)  # (and any block status asked meanwhile)
+            self._forget(offset, end)  # (and what was asked or read ahead meanwhile)
+
+    def _forget(self, start: int, end: int) -> None:
+        """What a change to bytes ``start`` to ``end`` makes untrue, when it starts and again
+        when it ends (a reply on its way meanwhile may be from before it): what block status
+        said of them, and the runs read ahead over them. (The cache has its generations.)"""
+        self.extents.forget(start, end)
+        self._ahead.discard(start, end)
 
     async def _write_piece(self, start: int, piece: memoryview, fua: bool) -> None:
         if self._use_zeroes and _all_zero(piece):
@@ -540,7 +550,7 @@ class ExportIO:
         use_fua = fua and self._use_fua
         async with self._ranges.hold(a0, a1):
             started = self.cache.start_write(blocks)
-            self.extents.forget(a0, a1)
+            self._forget(a0, a1)
             ok = False
             try:
                 if kind is Kind.ZERO and not self._use_zeroes:
@@ -558,7 +568,7 @@ class ExportIO:
                 # Every block the change touched is dropped (the next read asks the server),
                 # and what block status said of it (asked while it was on its way, too).
                 self.cache.end_write(started, dict.fromkeys(blocks), ok)
-                self.extents.forget(a0, a1)
+                self._forget(a0, a1)
 
     async def _send_change(self, start: int, length: int, kind: Kind, fua: bool) -> None:
         async def op(c: Connection) -> None:

@@ -90,13 +90,11 @@ class BlockStore(LRUCache[Key, Entry]):
 @dataclass(slots=True)
 class Fetch:
     """Bytes ``lo`` to ``hi`` of a block being read from the server; readers wait on
-    ``done``. ``keep``: it completes a piece a reader used, so it is not read-ahead to
-    forget once read."""
+    ``done``."""
 
     generation: int
     lo: int
     hi: int
-    keep: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     data: Entry | None = None  # None after ``done``: the fetch failed, with
     error: Exception | None = None  # the server's error (its errno reaches every reader)
@@ -165,18 +163,17 @@ class BlockCache:
         return entry
 
     def lookup(
-        self, block: int, length: int, lo: int, hi: int | None, sector: int, count: bool = True
+        self, block: int, length: int, lo: int, hi: int, sector: int, count: bool = True
     ) -> tuple[Entry | Fetch, bool]:
         """The block protocol's one question: what a reader of bytes ``lo`` to ``hi`` of
-        ``block`` (``length`` bytes long; ``hi`` None: all of it) gets.
+        ``block`` (``length`` bytes long) gets.
 
         * a *hit*: the cached entry holding those bytes, and False;
         * a *join*: the fetch in flight that a reader may still join (:meth:`fetching`),
           and False;
         * a *miss*: a fetch started here, and True (the caller sends it). A block touched
-          the first time by a read at random (``hi`` given) is fetched only in the
-          ``sector``-aligned part asked for; a block touched again (a piece of it cached)
-          or read whole, all of it.
+          the first time is fetched only in the ``sector``-aligned part asked for; a block
+          touched again (a piece of it cached), all of it.
         """
         cached, piece = self.find(block, lo, hi, count)
         if cached is not None:
@@ -185,9 +182,9 @@ class BlockCache:
         if fetch is not None:
             return fetch, False
         f_lo, f_hi = 0, length
-        if hi is not None and piece is None:
+        if piece is None:
             f_lo, f_hi = lo - lo % sector, min(hi + (-hi % sector), length)
-        return self.start_fetch(block, f_lo, f_hi, keep=piece is not None), True
+        return self.start_fetch(block, f_lo, f_hi), True
 
     def own(self, block: int, entry: Entry) -> Entry:
         """Replace a cached view of a larger buffer by a copy of its bytes; return it."""
@@ -200,19 +197,6 @@ class BlockCache:
             self._lru[key] = copy
         return copy
 
-    def forget(self, block: int) -> None:
-        """Drop a block from the cache (if there)."""
-        if self._lru is not None:
-            self._lru.pop((self._owner, block), None)
-
-    def holds(self, block: int) -> bool:
-        """Whether all of the block is cached (without refreshing it in the LRU order)."""
-        key = (self._owner, block)
-        if self._lru is None or key not in self._lru:
-            return False
-        # (Cache.__getitem__: LRUCache's own would move the block to the front)
-        return not isinstance(Cache.__getitem__(self._lru, key), Piece)
-
     def fetching(self, block: int) -> Fetch | None:
         """The block's fetch in flight, if a reader may still join it: not once a write to
         the block has started since it began, since it may bring the bytes from before that
@@ -223,8 +207,8 @@ class BlockCache:
             return None
         return fetch
 
-    def start_fetch(self, block: int, lo: int, hi: int, keep: bool = False) -> Fetch:
-        fetch = Fetch(self._gen.get(block, 0), lo, hi, keep)
+    def start_fetch(self, block: int, lo: int, hi: int) -> Fetch:
+        fetch = Fetch(self._gen.get(block, 0), lo, hi)
         self._fetches[block] = fetch
         self._fetches_running += 1
         return fetch

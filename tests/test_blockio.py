@@ -6,6 +6,7 @@ export can be checked without keeping a copy.
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import trio
 
 from nbdfs.blockio import ExportIO
 from nbdfs.cache import BlockStore
+from nbdfs.errors import CommandError
 from nbdfs.pool import ExportPool
 from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
@@ -53,22 +55,81 @@ def test_reads_return_the_exports_bytes_however_they_meet_the_cache() -> None:
         trio.run(_with_io, srv.address, 4 * MiB, body)
 
 
-def test_a_block_read_ahead_then_used_at_random_gets_a_copy_of_its_own() -> None:
-    """A hot block must not pin the whole read-ahead run it arrived with."""
+def test_a_sequential_reader_is_served_by_read_ahead_outside_the_cache() -> None:
+    """A scan is read in few large requests ahead of the reader, and none of it goes into
+    the block cache: a scan of the whole export leaves the cache as it was."""
 
     async def body(io: ExportIO) -> None:
-        for off in range(0, 4 * MiB, MiB):
-            await io.read(off, MiB)
-        await trio.sleep(0.2)  # let read-ahead land
+        assert bytes(await io.read(3 * MiB + 5, 4096)) == pattern(3 * MiB + 5, 4096)
+        assert bytes(await io.read(0, MiB)) == pattern(0, MiB)  # (at random: cached)
+        cached = io.cache.used
+        requests = io.pool.stats.requests
+        reads = 24
+        for off in range(MiB, reads * MiB, MiB):
+            assert bytes(await io.read(off, MiB)) == pattern(off, MiB)
+        for off in range(reads * MiB, (reads + 1) * MiB, 4096):  # small reads, same scan
+            assert bytes(await io.read(off, 4096)) == pattern(off, 4096)
+        assert io.pool.stats.requests - requests <= reads * 2 // 3  # (without: 279)
+        assert io.cache.used == cached
+
+    with nbdkit("pattern", "64M") as srv:
+        trio.run(_with_io, srv.address, 64 * MiB, body)
+
+
+def test_read_ahead_never_serves_bytes_from_before_a_write() -> None:
+    """Writes into the window a sequential reader is served from, landed and on its way:
+    the reader reads what was written. nbdkit's delay filter keeps every read in flight
+    for 50 ms, so the writes land while read-ahead of the same bytes is on its way."""
+
+    async def body(io: ExportIO) -> None:
+        await io.write(0, pattern(0, 16 * MiB))
+        model = bytearray(pattern(0, 16 * MiB))
+        for off in range(0, 2 * MiB, 256 * 1024):  # a scan: read-ahead starts
+            assert bytes(await io.read(off, 256 * 1024)) == model[off : off + 256 * 1024]
+        writes = [2 * MiB + 4096, 3 * MiB - 100, 4 * MiB, 5 * MiB + 7, 6 * MiB]
+        for i, w in enumerate(writes):
+            data = bytes([i + 1]) * 5000
+            await io.write(w, data)
+            model[w : w + 5000] = data
+        for off in range(2 * MiB, 8 * MiB, 256 * 1024):  # the scan goes on
+            assert bytes(await io.read(off, 256 * 1024)) == model[off : off + 256 * 1024], off
+
+    with nbdkit("--filter=delay", "memory", "16M", "rdelay=50ms") as srv:
+        trio.run(_with_io, srv.address, 64 * MiB, body)
+
+
+def test_a_failed_read_ahead_fails_its_readers_and_is_asked_again(tmp_path: Path) -> None:
+    """Read-ahead the server fails gives its reader the server's errno, and a later reader
+    of those bytes asks again instead of getting the old error (nbdkit's error filter
+    fails every read while a file exists)."""
+    inject = tmp_path / "inject"
+
+    async def body(io: ExportIO) -> None:
+        await io.read(0, MiB)
+        inject.touch()
+        with pytest.raises(CommandError) as failed:
+            await io.read(MiB, MiB)  # (a scan: its own read and read-ahead fail)
+        assert failed.value.errno == errno.EIO
+        inject.unlink()
+        assert bytes(await io.read(2 * MiB, MiB)) == bytes(MiB)  # (the scan goes on)
+        assert bytes(await io.read(3 * MiB, MiB)) == bytes(MiB)
+
+    args = ["error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={inject}"]
+    with nbdkit("--filter=error", "memory", "16M", *args) as srv:
+        trio.run(_with_io, srv.address, 64 * MiB, body)
+
+
+def test_a_block_of_a_larger_read_then_read_alone_gets_a_copy_of_its_own() -> None:
+    """A hot block must not pin the whole buffer a larger read received it into."""
+
+    async def body(io: ExportIO) -> None:
+        assert bytes(await io.read(MiB, MiB)) == pattern(MiB, MiB)
         cb = io.cache.block_size
-        ahead = next(
-            b
-            for b in range(4 * MiB // cb, 16 * MiB // cb)
-            if isinstance(io.cache.get(b, count=False), memoryview)
-        )
-        assert bytes(await io.read(ahead * cb + 100, 200)) == pattern(ahead * cb + 100, 200)
-        held = io.cache.get(ahead, count=False)
-        assert isinstance(held, bytes) and held == pattern(ahead * cb, cb)
+        b = MiB // cb + 3
+        assert isinstance(io.cache.get(b, count=False), memoryview)
+        assert bytes(await io.read(b * cb + 100, 200)) == pattern(b * cb + 100, 200)
+        held = io.cache.get(b, count=False)
+        assert isinstance(held, bytes) and held == pattern(b * cb, cb)
 
     with nbdkit("pattern", "16M") as srv:
         trio.run(_with_io, srv.address, 8 * MiB, body)

@@ -68,7 +68,6 @@ def test_pieces_answer_only_what_they_hold() -> None:
     assert c.get(0, 1024, 2048) is None  # more than the piece holds: a miss
     entry, piece = c.find(0)  # the whole block: a miss, and the piece that is there
     assert entry is None and piece == Piece(1024, b"p" * 512)
-    assert not c.holds(0)
     assert c.patch(0, 0, b"z") is None  # a piece written to is dropped, not patched
 
 
@@ -122,9 +121,9 @@ def test_lookup_answers_hit_join_or_miss_in_one_call() -> None:
     assert hit == Piece(0, b"p" * 512) and not started
     # beyond the piece: the block was touched before, so the whole of it is fetched
     whole, started = c.lookup(0, CB, 1000, 1100, 512)
-    assert started and isinstance(whole, Fetch) and (whole.lo, whole.hi) == (0, CB) and whole.keep
+    assert started and isinstance(whole, Fetch) and (whole.lo, whole.hi) == (0, CB)
     c.end_fetch(0, whole, b"w" * CB)
-    assert c.lookup(0, CB, 0, None, 512) == (b"w" * CB, False)
+    assert c.lookup(0, CB, 0, CB, 512) == (b"w" * CB, False)
     assert c.hits == 2 and c.misses == 3
 
 
