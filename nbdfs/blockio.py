@@ -146,9 +146,9 @@ class ExportIO:
         self._ranges = RangeLock()
         self._next_sequential = -1  # where a read that continues the last one starts
         self.cache = BlockCache(store, geometry.cache_block)
-        # (a quarter of the cache at most: read-ahead must not take more than caching)
-        limit = min(READAHEAD_MAX, max(store.capacity // 4, geometry.cache_block))
-        self._ahead = ReadAhead(limit, self.size, self.maximum, self.minimum)
+        budget = store.read_ahead  # (the mount's: a quarter of the cache)
+        limit = min(READAHEAD_MAX, budget.capacity)
+        self._ahead = ReadAhead(budget, limit, self.size, self.maximum, self.minimum)
         self._use_fua = bool(pool.flags & TransmissionFlag.SEND_FUA)
         self._use_zeroes = bool(pool.flags & TransmissionFlag.SEND_WRITE_ZEROES)
         self.can_trim = bool(pool.flags & TransmissionFlag.SEND_TRIM)

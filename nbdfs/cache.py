@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import trio
 from cachetools import Cache, LRUCache
 
+from .readahead import Budget
+
 # A cached block: immutable bytes, or the bytearray a one-block read was received into, or
 # a view of the buffer a read of several blocks was received into (never written to
 # afterwards; a patch makes a new object).
@@ -55,11 +57,13 @@ Key = tuple[int, int]  # (export's number in the store, block number)
 
 
 class BlockStore(LRUCache[Key, Entry]):
-    """The cached blocks of every export of a mount, within one byte budget."""
+    """The cached blocks of every export of a mount, within one byte budget; and the
+    budget of their read-ahead, a quarter of it (the runs live outside the cache)."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__(maxsize=max(capacity, 1), getsizeof=len)
         self.capacity = capacity
+        self.read_ahead = Budget(capacity // 4)
         self.used_by: dict[int, int] = {}  # export number -> bytes it holds here
         self._owners = 0
 

@@ -33,12 +33,47 @@ class Run:
     error: Exception | None = None  # the server's error (its errno reaches every reader)
 
 
+class Budget:
+    """The bytes the read-ahead of a mount's exports may hold in all: one that needs room
+    takes it from those that read least recently (their runs go)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._held: dict[ReadAhead, int] = {}  # bytes in runs, the least recent user first
+
+    @property
+    def used(self) -> int:
+        return sum(self._held.values())
+
+    def hold(self, owner: ReadAhead, held: int) -> None:
+        """``owner`` holds ``held`` bytes now (its place in the order unchanged)."""
+        if held:
+            self._held[owner] = held
+        else:
+            self._held.pop(owner, None)
+
+    def room(self, owner: ReadAhead, want: int) -> int:
+        """Up to ``want`` bytes more that ``owner``, read just now, may take: the free
+        ones, then those of the others, least recent first."""
+        mine = self._held.pop(owner, 0)
+        self._held[owner] = mine  # (the most recent now)
+        free = self.capacity - self.used
+        for other in list(self._held):
+            if free >= want or other is owner:
+                break
+            free += self._held[other]
+            other.clear()
+        return max(min(want, free), 0)
+
+
 class ReadAhead:
     """The runs ahead of one export's sequential reader, in export order, at most
-    ``limit`` bytes beyond what it asked for last; each one request of at most
-    ``request_max`` bytes, a multiple of ``align``, inside the export's ``size``."""
+    ``limit`` bytes beyond what it asked for last and within the mount's ``budget``;
+    each one request of at most ``request_max`` bytes, a multiple of ``align``, inside the
+    export's ``size``."""
 
-    def __init__(self, limit: int, size: int, request_max: int, align: int) -> None:
+    def __init__(self, budget: Budget, limit: int, size: int, request_max: int, align: int) -> None:
+        self.budget = budget
         self.limit, self.size, self.align = limit, size, align
         self.step = max(request_max - request_max % align, align)
         self.window = 0  # how far ahead the reader is served now: doubles up to ``limit``
@@ -57,6 +92,7 @@ class ReadAhead:
             if run.start >= end:
                 break
             used.append(run)
+        self._held()
         return used, new
 
     def top_up(self, pos: int) -> list[Run]:
@@ -70,10 +106,12 @@ class ReadAhead:
                 break
             covered = max(covered, run.end)
         top = min(pos + self.window, self.size)
-        top -= top % self.align
-        if covered - pos > self.window // 2:
+        if covered - pos > self.window // 2 or top - covered < self.align:
             return []
-        return self._fill(covered, top)
+        top = covered + self.budget.room(self, top - covered)
+        new = self._fill(covered, top - top % self.align)
+        self._held()
+        return new
 
     def _fill(self, start: int, end: int) -> list[Run]:
         """Runs (one request each) for the gaps between ``start`` and ``end``, put in
@@ -98,6 +136,7 @@ class ReadAhead:
         or ended); their readers so far keep what they get."""
         if self.runs:
             self.runs = [r for r in self.runs if r.end <= start or end <= r.start]
+            self._held()
 
     def restart(self) -> None:
         """The reader went elsewhere: the window starts small again (the runs stay, for a
@@ -108,3 +147,7 @@ class ReadAhead:
         """Forget every run (the disk may not be the one they were read from)."""
         self.runs = []
         self.window = 0
+        self.budget.hold(self, 0)
+
+    def _held(self) -> None:
+        self.budget.hold(self, sum(r.end - r.start for r in self.runs))

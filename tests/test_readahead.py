@@ -1,9 +1,9 @@
 """The read-ahead runs alone (sans I/O): what a sequential read takes them from, what
-tops them up, what a change makes them forget, and their bound."""
+tops them up, what a change makes them forget, and their bounds."""
 
 from __future__ import annotations
 
-from nbdfs.readahead import WINDOW_MIN, ReadAhead, Run
+from nbdfs.readahead import WINDOW_MIN, Budget, ReadAhead, Run
 
 K = 1024
 M = K * K
@@ -14,7 +14,7 @@ def spans(runs: list[Run]) -> list[tuple[int, int]]:
 
 
 def test_a_read_takes_the_runs_there_and_runs_made_for_its_gaps() -> None:
-    ra = ReadAhead(8 * M, 64 * M, 256 * K, 4 * K)
+    ra = ReadAhead(Budget(64 * M), 8 * M, 64 * M, 256 * K, 4 * K)
     used, new = ra.cover(0, 600 * K)  # nothing there: its own runs, one request each
     assert spans(used) == spans(new) == [(0, 256 * K), (256 * K, 512 * K), (512 * K, 600 * K)]
     ra.discard(300 * K, 301 * K)  # a write: the run over it goes
@@ -27,7 +27,7 @@ def test_a_read_takes_the_runs_there_and_runs_made_for_its_gaps() -> None:
 
 
 def test_top_up_keeps_a_window_ahead_that_doubles_and_refills_by_halves() -> None:
-    ra = ReadAhead(2 * M, 64 * M, 4 * M, 4 * K)
+    ra = ReadAhead(Budget(64 * M), 2 * M, 64 * M, 4 * M, 4 * K)
     ra.cover(0, 4 * K)
     assert spans(ra.top_up(4 * K)) == [(4 * K, 4 * K + WINDOW_MIN)]
     pos = 4 * K
@@ -46,7 +46,7 @@ def test_top_up_keeps_a_window_ahead_that_doubles_and_refills_by_halves() -> Non
 
 
 def test_runs_stay_inside_the_export_and_within_reach() -> None:
-    ra = ReadAhead(M, 10 * M + 100, M, 4 * K)
+    ra = ReadAhead(Budget(64 * M), M, 10 * M + 100, M, 4 * K)
     ra.cover(9 * M, 10 * M)
     assert ra.top_up(10 * M) == []  # (the export's last 100 bytes are not a block)
     assert ra.runs[-1].end == 10 * M
@@ -54,3 +54,20 @@ def test_runs_stay_inside_the_export_and_within_reach() -> None:
     assert spans(ra.runs) == [(0, 4 * K)]
     ra.clear()
     assert ra.runs == [] and ra.window == 0
+
+
+def test_the_mounts_exports_share_one_budget_the_least_recent_reader_giving_way() -> None:
+    budget = Budget(2 * M)
+    a, b = (ReadAhead(budget, 2 * M, 64 * M, M, 4 * K) for _ in range(2))
+    b.cover(0, M)
+    a.cover(0, M)
+    assert budget.used == 2 * M
+    a.window = M  # (the next top-up: 2 MiB)
+    assert spans(a.top_up(M)) == [(M, 2 * M)]  # b read least recently: it gives way
+    assert b.runs == [] and budget.used == 2 * M
+    b.cover(0, M)  # (a reader's own read is never refused)
+    b.window = M
+    assert spans(b.top_up(M)) == [(M, 2 * M)]  # now a gives way
+    assert a.runs == [] and budget.used == 2 * M
+    b.discard(0, 2 * M)
+    assert budget.used == 0
