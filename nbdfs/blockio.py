@@ -300,7 +300,7 @@ class ExportIO:
             raise
         finally:
             if run.data is None:
-                self._ahead.discard(start, run.end)
+                self._ahead.drop(run)
             run.done.set()
 
     async def _wait(self, b: int, fetch: Fetch, lo: int, hi: int) -> Entry:

@@ -138,13 +138,20 @@ class ReadAhead:
             self.runs = [r for r in self.runs if r.end <= start or end <= r.start]
             self._held()
 
+    def drop(self, run: Run) -> None:
+        """Forget a run that failed (its readers have its error; later ones ask again)."""
+        if run in self.runs:  # (by identity)
+            self.runs.remove(run)
+            self._held()
+
     def restart(self) -> None:
         """The reader went elsewhere: the window starts small again (the runs stay, for a
         scan that resumes; :meth:`cover` drops them once out of its reach)."""
         self.window = 0
 
     def clear(self) -> None:
-        """Forget every run (the disk may not be the one they were read from)."""
+        """Forget every run (the budget needs their room, or the disk may not be the one
+        they were read from)."""
         self.runs = []
         self.window = 0
         self.budget.hold(self, 0)

@@ -24,6 +24,12 @@ def test_a_read_takes_the_runs_there_and_runs_made_for_its_gaps() -> None:
     assert [r for r in used if r not in new] == ra.runs[:1] + ra.runs[2:3]
     ra.cover(512 * K, 520 * K)  # runs before the read are done with
     assert spans(ra.runs) == [(512 * K, 600 * K), (600 * K, 700 * K)]
+    failed = ra.runs[0]
+    ra.drop(failed)  # a run that failed goes; the next reader makes another
+    (again,), (made,) = ra.cover(512 * K, 520 * K)
+    assert again is made and spans([made]) == [(512 * K, 520 * K)]
+    ra.drop(failed)  # (its twin stays: dropped by identity)
+    assert ra.runs[0] is made
 
 
 def test_top_up_keeps_a_window_ahead_that_doubles_and_refills_by_halves() -> None:
