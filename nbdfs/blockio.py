@@ -142,7 +142,6 @@ class ExportIO:
         # (the geometry's fields as plain attributes: they are read on every request)
         self.size, self.minimum, self.maximum = geometry.size, geometry.minimum, geometry.maximum
         self._sector = geometry.sector
-        self._store = store
         self._ranges = RangeLock()
         self._next_sequential = -1  # where a read that continues the last one starts
         self.cache = BlockCache(store, geometry.cache_block)
@@ -204,8 +203,9 @@ class ExportIO:
         """Bytes ``offset`` to ``offset + length`` (clamped to the export): for a reader
         who goes on from where its last read ended, from the runs read ahead of it
         (:mod:`.readahead`); else through the cache: each block's cached bytes, or the
-        fetch in flight it joins, or a new fetch; then sliced. ``reader`` False: the read of a read-modify-write, which counts no hit
-        or miss and leaves the sequential detector and read-ahead alone."""
+        fetch in flight it joins, or a new fetch; then sliced. ``reader`` False: the read
+        of a read-modify-write, which counts no hit or miss and leaves the sequential
+        detector and read-ahead alone."""
         if self.pool.failed is not None:
             if self.cache.used:  # (cached bytes are of another disk: dropped once)
                 self.cache.clear()

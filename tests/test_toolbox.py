@@ -98,7 +98,7 @@ def test_status_reports_the_io_done(tmp: Path) -> None:
 
 @pytest.mark.fuse
 def test_a_sequential_scan_leaves_the_working_set_cached(tmp: Path) -> None:
-    """Blocks read ahead for a sequential reader are dropped once read: a scan of the whole
+    """A sequential reader is served by read-ahead outside the cache: a scan of the whole
     export through a small cache keeps the hot blocks (read through the status counters)."""
     import mmap
 
