@@ -354,10 +354,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return EXIT_OK
     cache = status["cache"]
+    ahead = cache.get("read_ahead")  # (a daemon started before nbdfs was upgraded: none)
     print(
         f"{mountpoint}: {status['server']}, {len(status['exports'])} export(s),"
         f" {status['active']} opened; cache {human_size(cache['used'])}"
         f"/{human_size(cache['capacity'])}"
+        + (f", read-ahead {human_size(ahead)}" if ahead is not None else "")
     )
     for e in status["exports"]:
         line = f"  {shlex.quote(e['name'])}: "

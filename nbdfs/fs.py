@@ -692,7 +692,11 @@ class NbdFs(pyfuse3.Operations):
             "server": self.config.target.describe(),
             "exports": [self.export_status(n, path) for path, n in in_tree if n is not None],
             "active": sum(1 for n in self.exports if n.io is not None),
-            "cache": {"used": self._store.currsize, "capacity": self._store.capacity},
+            "cache": {
+                "used": self._store.currsize,
+                "capacity": self._store.capacity,
+                "read_ahead": self._store.read_ahead.used,  # (outside the cache: runs)
+            },
         }
         if self.poller is not None:
             out["poll"] = {

@@ -83,6 +83,8 @@ def test_status_reports_the_io_done(tmp: Path) -> None:
             os.pwritev(fd, [buf], MiB)
             os.preadv(fd, [buf], 4 * MiB)
             os.preadv(fd, [buf], 4 * MiB)  # the second time from the cache
+            for off in range(8 * MiB, 12 * MiB, MiB):  # a scan: read ahead, not cached
+                os.preadv(fd, [buf], off)
         finally:
             os.close(fd)
         status = json.loads(run_nbdfs("status", "--json", str(mnt)).stdout)
@@ -92,8 +94,10 @@ def test_status_reports_the_io_done(tmp: Path) -> None:
         assert export["cache"]["hits"] >= 1 and status["cache"]["capacity"] == 4 * MiB
         assert 0 < export["cache"]["used"] == status["cache"]["used"] <= 4 * MiB
         assert export["unflushed"] == 2 * MiB and export["errors"] == 0
+        assert 0 < status["cache"]["read_ahead"] <= MiB  # (a quarter of the cache)
         text = run_nbdfs("status", str(mnt)).stdout
         assert "written 2.0 MiB" in text and "unflushed 2.0 MiB" in text
+        assert ", read-ahead " in text.splitlines()[0]
 
 
 @pytest.mark.fuse
