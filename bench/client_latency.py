@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import ssl
 import struct
 import time
 
@@ -26,8 +27,10 @@ import trio
 
 from nbdfs.connection import Connection, _handshake
 from nbdfs.mount import tune_malloc
-from nbdfs.target import parse_target
+from nbdfs.session import TlsMode
+from nbdfs.target import Target, parse_target
 from nbdfs.tls import TlsConfig
+from nbdfs.tlsstream import TlsSocketStream
 
 REQUEST = struct.Struct(">IHHQQI")
 CHUNK = struct.Struct(">IHHQI")  # a structured reply chunk's header (nbdfs negotiates them)
@@ -37,10 +40,12 @@ SIMPLE = struct.Struct(">IIQ")  # a simple reply: magic, error, cookie
 class MinimalClient:
     """The least a trio NBD client does on one handshaken socket: ``os.write`` of each
     request's header, one reader task (:meth:`reader`) parsing each structured reply chunk
-    with ``struct`` into the request's buffer (offset, then data); no checks."""
+    with ``struct`` into the request's buffer (offset, then data); no checks. Over TLS
+    (``tls``, the session on the socket), OpenSSL reads and writes the descriptor instead,
+    and the task waits only when it says it would block, as nbdfs's TLS connections do."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock, self.fd = sock, sock.fileno()
+    def __init__(self, fd: int, tls: ssl.SSLSocket | None = None) -> None:
+        self.fd, self.tls = fd, tls
         self.waiting: dict[int, tuple[trio.Event, memoryview]] = {}
         self.cookie = 0
 
@@ -48,9 +53,22 @@ class MinimalClient:
         got = 0
         while got < len(view):
             try:
-                got += os.readv(self.fd, (view[got:],))
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                if self.tls is None:
+                    got += os.readv(self.fd, (view[got:],))
+                else:
+                    got += self.tls.recv_into(view[got:])
+            except (BlockingIOError, ssl.SSLWantReadError):
+                await trio.lowlevel.wait_readable(self.fd)
+
+    async def _send(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = os.write(self.fd, view) if self.tls is None else self.tls.send(view)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                await trio.lowlevel.wait_writable(self.fd)
+                continue
+            view = view[sent:]
 
     async def reader(self) -> None:
         header = bytearray(CHUNK.size)
@@ -68,7 +86,10 @@ class MinimalClient:
         self.cookie += 1
         done = trio.Event()
         self.waiting[self.cookie] = (done, buf)
-        os.write(self.fd, REQUEST.pack(0x25609513, 0, 0, self.cookie, offset, size))
+        if self.tls is None:
+            os.write(self.fd, REQUEST.pack(0x25609513, 0, 0, self.cookie, offset, size))
+        else:
+            await self._send(REQUEST.pack(0x25609513, 0, 0, self.cookie, offset, size))
         await done.wait()
 
 
@@ -88,11 +109,15 @@ class MinimalWriter(MinimalClient):
         done = trio.Event()
         self.waiting[self.cookie] = (done, memoryview(b""))
         out = [REQUEST.pack(0x25609513, 0, cmd, self.cookie, offset, len(data)), data]
+        if self.tls is not None:  # (OpenSSL takes one buffer at a time)
+            for part in out:
+                await self._send(part)
+            out = []
         while out:
             try:
                 sent = os.writev(self.fd, out)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+                await trio.lowlevel.wait_writable(self.fd)
                 continue
             while out and sent >= len(out[0]):
                 sent -= len(out.pop(0))
@@ -107,14 +132,26 @@ class MinimalWriter(MinimalClient):
         await self._command(3, 0, b"")  # NBD_CMD_FLUSH
 
 
+def tls_of(target: Target) -> TlsConfig:
+    """The TLS the URI asks for (nbds://, ?tls-certificates=DIR), as nbdfs mount takes it."""
+    return TlsConfig(mode=target.tls or TlsMode.DISABLE, certificates=target.tls_certificates)
+
+
 async def open_minimal(
     uri: str, kind: type[MinimalClient] = MinimalClient
-) -> tuple[trio.SocketStream, MinimalClient, int]:
-    """nbdfs's handshake, then the minimal client on its socket; and the export's size."""
+) -> tuple[trio.abc.Stream, MinimalClient, int]:
+    """nbdfs's handshake (STARTTLS too for an nbds:// URI), then the minimal client on its
+    socket; and the export's size."""
     target = parse_target(uri)
-    stream, session = await _handshake(target, TlsConfig(), lambda hs: hs.go(target.export or ""))
-    assert isinstance(stream, trio.SocketStream)
-    return stream, kind(stream.socket), session.export.size or 0
+    stream, session = await _handshake(
+        target, tls_of(target), lambda hs: hs.go(target.export or "")
+    )
+    if isinstance(stream, TlsSocketStream):
+        client = kind(stream.ssl.fileno(), stream.ssl)
+    else:
+        assert isinstance(stream, trio.SocketStream)
+        client = kind(stream.socket.fileno())
+    return stream, client, session.export.size or 0
 
 
 async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:
@@ -143,7 +180,7 @@ async def measure(uri: str, size: int, depth: int, count: int) -> tuple[float, f
     """Seconds and CPU seconds for ``count`` reads through nbdfs's Connection."""
     target = parse_target(uri)
     async with trio.open_nursery() as nursery:
-        conn = await Connection.open(target, target.export or "", TlsConfig(), nursery)
+        conn = await Connection.open(target, target.export or "", tls_of(target), nursery)
         blocks = (conn.export.size or 0) // size
 
         async def worker() -> None:
@@ -164,7 +201,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("uri", help="nbd://HOST[:PORT][/EXPORT] (plain TCP or Unix socket)")
+    ap.add_argument(
+        "uri",
+        help="nbd://HOST[:PORT][/EXPORT] (TCP or Unix socket), or nbds://...?tls-certificates=DIR",
+    )
     ap.add_argument("--size", default="4096,32768", help="read sizes, comma-separated")
     ap.add_argument("--depth", default="1,16", help="reads in flight, comma-separated")
     ap.add_argument("--count", type=int, default=5000, help="reads per figure")

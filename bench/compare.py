@@ -12,12 +12,13 @@ mounts the server with nbdfuse and with nbdfs (fresh mounts, page cache dropped 
 every cold figure), alternating who goes first, and measures: sequential read (dd bs=1M),
 sequential write + fsync (dd conv=fsync), 4 KiB random read at queue depth 1 and 16
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB working set, and nbdcopy to
-null as the raw NBD ceiling. In the loopback profile also the two floors: a pyfuse3 file
-system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD client
-(bench/client_latency.py --minimal), and, in the cold random rows, nbdfs with
---cache-size 0 (what the cache's first fill costs). In the loopback and link profiles,
-in the seq write and cold random rows, the two floors composed (bench/pyfuse3_forward.py:
-the no-op file system forwarding each read and write to minimal NBD connections).
+null as the raw NBD ceiling. In the loopback profiles (plain and TLS) also the two floors:
+a pyfuse3 file system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD
+client (bench/client_latency.py --minimal, over TLS in the TLS profile), and, in the cold
+random rows, nbdfs with --cache-size 0 (what the cache's first fill costs). In every
+profile, in the seq write and cold random rows, the two floors composed
+(bench/pyfuse3_forward.py: the no-op file system forwarding each read and write to minimal
+NBD connections, TLS ones in the TLS profiles).
 
 Prints one table per profile: medians, the nbdfs/nbdfuse ratio and its range over the
 rounds, the issue's target for the row, the daemons' CPU per request or MiB, the floors,
@@ -210,10 +211,17 @@ def ceiling(uri: str, mnt: Path, size: int) -> contextlib.AbstractContextManager
     return floor_fs("pyfuse3_ceiling.py", [str(size)], mnt)
 
 
-def forward(uri: str, mnt: Path) -> contextlib.AbstractContextManager[tuple[Path, int]]:
+def floor_uri(uri: str, certificates: Path | None) -> str:
+    """The URI the floors' minimal clients connect to (over TLS with ``certificates``)."""
+    return f"{uri}/?tls-certificates={certificates}" if certificates else uri + "/"
+
+
+def forward(
+    uri: str, mnt: Path, certificates: Path | None = None
+) -> contextlib.AbstractContextManager[tuple[Path, int]]:
     """The no-op file system forwarding each read to one minimal NBD connection
     (bench/pyfuse3_forward.py): the two floors composed."""
-    return floor_fs("pyfuse3_forward.py", [uri + "/"], mnt)
+    return floor_fs("pyfuse3_forward.py", [floor_uri(uri, certificates)], mnt)
 
 
 def dd_rate(*args: str) -> float:
@@ -359,12 +367,15 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
     res = Results()
     pki = make_pki(work) if profile.tls and not (work / "pki").exists() else work / "pki"
     extra = list(args.nbdfs_option) + (["--tls-certificates", str(pki)] if profile.tls else [])
-    certificates = libnbd_certificates(pki) if profile.tls else contextlib.nullcontext()
-    ceiling_too = args.ceiling and profile.delay_ms is None and not profile.tls
+    libnbd_pki = libnbd_certificates(pki) if profile.tls else contextlib.nullcontext()
+    # (over TLS too: the no-op has no network, but nbdfuse's figures it is set against do;
+    # the minimal client and the forwarder then speak TLS as nbdfs does)
+    ceiling_too = args.ceiling and profile.delay_ms is None
     # (the forwarder also over the link: the floor of a daemon whose requests wait on it)
-    forward_too = args.ceiling and not profile.tls
+    forward_too = args.ceiling
+    certificates = pki if profile.tls else None
     with (
-        certificates,
+        libnbd_pki,
         server(size, work, args.rate, profile.delay_ms, pki if profile.tls else None) as uri,
     ):
         for r in range(args.rounds):
@@ -375,7 +386,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
             )
             res.units[RAW] = "MB/s"
             if ceiling_too:
-                res.minimal_client.append(minimal_client_cpu(uri))
+                res.minimal_client.append(minimal_client_cpu(floor_uri(uri, certificates)))
             for name, unit, measure in rows(size, args.runtime, rnd):
                 if args.only and args.only not in name:
                     continue
@@ -387,7 +398,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                 if ceiling_too:
                     order.append((NOOP, ceiling, (size,)))
                 if forward_too and ("QD" in name or "seq write" in name):
-                    order.append((FORWARD, forward, ()))
+                    order.append((FORWARD, forward, (certificates,)))
                 if ceiling_too and "cold" in name and "rand" in name:  # the cache's first fill
                     order.append((NOCACHE, nbdfs, ([*extra, "--cache-size", "0"],)))
                 if r % 2:

@@ -3,6 +3,7 @@
 and writes.
 
     .venv/bin/python bench/pyfuse3_forward.py MOUNTPOINT nbd://HOST:PORT/[EXPORT]
+    .venv/bin/python bench/pyfuse3_forward.py MOUNTPOINT "nbds://HOST:PORT/[EXPORT]?tls-certificates=DIR"
 
 ``bench/pyfuse3_ceiling.py``'s one file, ``MOUNTPOINT/f``, of the export's size, whose
 reads each become one NBD_CMD_READ on one connection (nbdfs's handshake, then
