@@ -44,8 +44,14 @@ class MinimalClient:
     (``tls``, the session on the socket), OpenSSL reads and writes the descriptor instead,
     and the task waits only when it says it would block, as nbdfs's TLS connections do."""
 
-    def __init__(self, fd: int, tls: ssl.SSLSocket | None = None) -> None:
-        self.fd, self.tls = fd, tls
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream  # (kept: its socket closes when it goes)
+        self.tls: ssl.SSLSocket | None = None
+        if isinstance(stream, TlsSocketStream):
+            self.tls, self.fd = stream.ssl, stream.ssl.fileno()
+        else:
+            assert isinstance(stream, trio.SocketStream)
+            self.fd = stream.socket.fileno()
         self.waiting: dict[int, tuple[trio.Event, memoryview]] = {}
         self.cookie = 0
 
@@ -146,12 +152,7 @@ async def open_minimal(
     stream, session = await _handshake(
         target, tls_of(target), lambda hs: hs.go(target.export or "")
     )
-    if isinstance(stream, TlsSocketStream):
-        client = kind(stream.ssl.fileno(), stream.ssl)
-    else:
-        assert isinstance(stream, trio.SocketStream)
-        client = kind(stream.socket.fileno())
-    return stream, client, session.export.size or 0
+    return stream, kind(stream), session.export.size or 0
 
 
 async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:
