@@ -60,11 +60,15 @@ class MinimalClient:
         while got < len(view):
             try:
                 if self.tls is None:
-                    got += os.readv(self.fd, (view[got:],))
+                    n = os.readv(self.fd, (view[got:],))
                 else:
-                    got += self.tls.recv_into(view[got:])
+                    n = self.tls.recv_into(view[got:])
             except (BlockingIOError, ssl.SSLWantReadError):
                 await trio.lowlevel.wait_readable(self.fd)
+                continue
+            if not n:  # (the server went: stop, do not spin on the end of the stream)
+                raise EOFError("the server closed the connection")
+            got += n
 
     async def _send(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
