@@ -366,17 +366,15 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
     size = parse_size(args.size)
     res = Results()
     pki = make_pki(work) if profile.tls and not (work / "pki").exists() else work / "pki"
+    certificates = pki if profile.tls else None
     extra = list(args.nbdfs_option) + (["--tls-certificates", str(pki)] if profile.tls else [])
     libnbd_pki = libnbd_certificates(pki) if profile.tls else contextlib.nullcontext()
     # (over TLS too: the no-op has no network, but nbdfuse's figures it is set against do;
     # the minimal client and the forwarder then speak TLS as nbdfs does)
     ceiling_too = args.ceiling and profile.delay_ms is None
-    # (the forwarder also over the link: the floor of a daemon whose requests wait on it)
-    forward_too = args.ceiling
-    certificates = pki if profile.tls else None
     with (
         libnbd_pki,
-        server(size, work, args.rate, profile.delay_ms, pki if profile.tls else None) as uri,
+        server(size, work, args.rate, profile.delay_ms, certificates) as uri,
     ):
         for r in range(args.rounds):
             start = time.monotonic()
@@ -397,7 +395,9 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                 ]
                 if ceiling_too:
                     order.append((NOOP, ceiling, (size,)))
-                if forward_too and ("QD" in name or "seq write" in name):
+                # (the forwarder in every profile, over the link too: the floor of a
+                # daemon whose requests wait on it)
+                if args.ceiling and ("QD" in name or "seq write" in name):
                     order.append((FORWARD, forward, (certificates,)))
                 if ceiling_too and "cold" in name and "rand" in name:  # the cache's first fill
                     order.append((NOCACHE, nbdfs, ([*extra, "--cache-size", "0"],)))
