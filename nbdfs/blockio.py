@@ -202,7 +202,7 @@ class ExportIO:
     ) -> bytes | bytearray | memoryview:
         """Bytes ``offset`` to ``offset + length`` (clamped to the export): for a reader
         who goes on from where its last read ended, from the runs read ahead of it
-        (:mod:`.readahead`); else through the cache: each block's cached bytes, or the
+        (:mod:`.readahead`), unless one cached block holds them; else through the cache: each block's cached bytes, or the
         fetch in flight it joins, or a new fetch; then sliced. ``reader`` False: the read
         of a read-modify-write, which counts no hit or miss and leaves the sequential
         detector and read-ahead alone."""
@@ -216,21 +216,24 @@ class ExportIO:
             return b""
         if not self.cache.enabled:
             return await self._read_direct(offset, end)
+        cb = self.cache.block_size
+        first, last = offset // cb, (end - 1) // cb
         if reader:
             sequential = offset == self._next_sequential
             self._next_sequential = end
+            if not sequential:
+                self._ahead.restart()
+            if first == last:
+                # The usual warm read, inside one cached block: what the rest of this
+                # method does for it, without its lists and loops. One that continues the
+                # last read too: cached bytes never go to the server again (a random
+                # reader's next block often follows its last, as fio's random map picks).
+                lo, hi = offset - first * cb, end - first * cb
+                hit = self.cache.hit(first, lo, hi)
+                if hit is not None:
+                    return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
             if sequential:
                 return await self._read_ahead(offset, end)
-            self._ahead.restart()
-        cb = self.cache.block_size
-        first, last = offset // cb, (end - 1) // cb
-        if first == last and reader:
-            # The usual warm read, at random inside one cached block: what the rest of
-            # this method does for it, without its lists and loops.
-            lo, hi = offset - first * cb, end - first * cb
-            hit = self.cache.hit(first, lo, hi)
-            if hit is not None:
-                return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
         # Only the sectors asked for, in a block touched the first time.
         fetches, mine = self._fetches_for(
             range(first, last + 1), (offset, end), count=reader, inline=True

@@ -76,6 +76,28 @@ def test_a_sequential_reader_is_served_by_read_ahead_outside_the_cache() -> None
         trio.run(_with_io, srv.address, 64 * MiB, body)
 
 
+def test_a_cached_block_is_served_from_the_cache_when_the_read_looks_sequential() -> None:
+    """A random reader whose next block happens to follow its last one (fio's random map
+    does that often once most blocks are used) reads a cached block from the cache: no
+    NBD request, no read-ahead started for it."""
+
+    async def body(io: ExportIO) -> None:
+        cb = io.cache.block_size
+        for off in range(MiB - cb, -1, -cb):  # backwards: whole blocks, cached
+            await io.read(off, cb)
+        requests = io.pool.stats.requests
+        rng = random.Random(3)
+        for _ in range(200):
+            off = rng.randrange(0, MiB // 4096 - 1) * 4096
+            assert bytes(await io.read(off, 4096)) == pattern(off, 4096)
+            assert bytes(await io.read(off + 4096, 4096)) == pattern(off + 4096, 4096)
+        assert io.pool.stats.requests == requests
+        assert not io._ahead.runs
+
+    with nbdkit("pattern", "16M") as srv:
+        trio.run(_with_io, srv.address, 64 * MiB, body)
+
+
 def test_read_ahead_never_serves_bytes_from_before_a_write() -> None:
     """Writes into the window a sequential reader is served from, landed and on its way:
     the reader reads what was written. nbdkit's delay filter keeps every read in flight
