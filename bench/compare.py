@@ -528,7 +528,8 @@ def main() -> None:
         f"# nbdfs vs nbdfuse\n\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs,"
         f" `bench/compare.py --size {args.size} --rounds {args.rounds} --runtime"
         f" {args.runtime}`: medians of {args.rounds} rounds; every cold figure from a fresh"
-        " mount with the page cache dropped. The host took"
+        " mount with the page cache dropped, and the sequential rows' page cache in memory"
+        " the host backs (back_free_memory). The host took"
         f" {steal / total:.1%} of the CPUs' time during the run (steal time): on a shared"
         " virtual machine, read every figure with its range.\n"
     )

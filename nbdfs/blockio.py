@@ -202,10 +202,10 @@ class ExportIO:
     ) -> bytes | bytearray | memoryview:
         """Bytes ``offset`` to ``offset + length`` (clamped to the export): for a reader
         who goes on from where its last read ended, from the runs read ahead of it
-        (:mod:`.readahead`), unless one cached block holds them; else through the cache: each block's cached bytes, or the
-        fetch in flight it joins, or a new fetch; then sliced. ``reader`` False: the read
-        of a read-modify-write, which counts no hit or miss and leaves the sequential
-        detector and read-ahead alone."""
+        (:mod:`.readahead`), unless one cached block holds them; else through the cache:
+        each block's cached bytes, or the fetch in flight it joins, or a new fetch; then
+        sliced. ``reader`` False: the read of a read-modify-write, which counts no hit or
+        miss and leaves the sequential detector and read-ahead alone."""
         if self.pool.failed is not None:
             if self.cache.used:  # (cached bytes are of another disk: dropped once)
                 self.cache.clear()
