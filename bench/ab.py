@@ -7,8 +7,9 @@
 BASE and NEW are git revisions (NEW defaults to the work tree as it is, uncommitted
 changes included). Each is unpacked into a directory of its own and run with this venv's
 Python and PYTHONPATH pointing at it. Every round mounts each build afresh (an empty
-cache), drops the page cache, and runs the same job on each, alternating which goes
-first: 4 KiB random read at queue depth 1 and 16 (fio, O_DIRECT, whole export), a warm
+cache), drops the page cache (and before a sequential row touches memory, so that the
+page cache it fills is backed by the host: compare.back_free_memory), and runs the same
+job on each, alternating which goes first: 4 KiB random read at queue depth 1 and 16 (fio, O_DIRECT, whole export), a warm
 re-read of a 64 MiB set at depth 16, dd
 sequential read (1 MiB) and sequential write + fsync. Prints, per row, the medians, the
 NEW/BASE ratio of the medians and the range of the per-round ratios (the noise), and the

@@ -9,8 +9,8 @@ behind nbdkit's delay filter (every read and write answered 1 ms later); *tls* a
 *tls-link*, the same with TLS required of both tools (certificates from nbdfs tls-init;
 libnbd takes root's from /etc/pki/libnbd, which the run fills and restores). Each round
 mounts the server with nbdfuse and with nbdfs (fresh mounts, page cache dropped before
-every cold figure; before a sequential row, memory the host backs: back_free_memory),
-alternating who goes first, and measures: sequential read (dd bs=1M),
+every cold figure, and before a sequential row memory touched so that the page cache it
+fills is backed by the host: back_free_memory), alternating who goes first, and measures: sequential read (dd bs=1M),
 sequential write + fsync (dd conv=fsync), 4 KiB random read at queue depth 1 and 16
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB working set, and nbdcopy to
 null as the raw NBD ceiling. In the loopback profiles (plain and TLS) also the two floors:
