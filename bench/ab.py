@@ -9,8 +9,8 @@ changes included). Each is unpacked into a directory of its own and run with thi
 Python and PYTHONPATH pointing at it. Every round mounts each build afresh (an empty
 cache), drops the page cache (and before a sequential row touches memory, so that the
 page cache it fills is backed by the host: compare.back_free_memory), and runs the same
-job on each, alternating which goes first: 4 KiB random read at queue depth 1 and 16 (fio, O_DIRECT, whole export), a warm
-re-read of a 64 MiB set at depth 16, dd
+job on each, alternating which goes first: 4 KiB random read at queue depth 1 and 16
+(fio, O_DIRECT, whole export), a warm re-read of a 64 MiB set at depth 16, dd
 sequential read (1 MiB) and sequential write + fsync. Prints, per row, the medians, the
 NEW/BASE ratio of the medians and the range of the per-round ratios (the noise), and the
 daemon's CPU time per request (from /proc) for each build.
@@ -157,7 +157,7 @@ def main() -> None:
                         mnt = work / ("ma" if build == "A" else "mb")
                         with nbdfs(uri, mnt, extra, trees[build]) as (path, pid):
                             if unit == "MB/s":  # (the rows through the page cache)
-                                back_free_memory(size + 512 * MiB)
+                                back_free_memory(size)
                             cpu0, _ = proc_stats(pid)
                             value, requests = job(path)
                             cpu1, _ = proc_stats(pid)

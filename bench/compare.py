@@ -10,8 +10,9 @@ behind nbdkit's delay filter (every read and write answered 1 ms later); *tls* a
 libnbd takes root's from /etc/pki/libnbd, which the run fills and restores). Each round
 mounts the server with nbdfuse and with nbdfs (fresh mounts, page cache dropped before
 every cold figure, and before a sequential row memory touched so that the page cache it
-fills is backed by the host: back_free_memory), alternating who goes first, and measures: sequential read (dd bs=1M),
-sequential write + fsync (dd conv=fsync), 4 KiB random read at queue depth 1 and 16
+fills is backed by the host: back_free_memory), alternating who goes first, and
+measures: sequential read (dd bs=1M), sequential write + fsync (dd conv=fsync), 4 KiB
+random read at queue depth 1 and 16
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB working set, and nbdcopy to
 null as the raw NBD ceiling. In the loopback profiles (plain and TLS) also the two floors:
 a pyfuse3 file system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD
@@ -68,8 +69,9 @@ def drop_caches() -> None:
 
 
 def back_free_memory(size: int) -> None:
-    """Touch ``size`` bytes of memory and free them, just before a figure that fills the
-    page cache, so that the pages it fills are ones the host backs.
+    """Touch ``size`` bytes of memory and 512 MiB more, and free them, just before a
+    figure that fills up to ``size`` bytes of page cache, so that the pages it fills are
+    ones the host backs.
 
     A virtual machine that reports its free pages to the host (virtio-balloon free page
     reporting, as on the machine these figures come from) gives the memory drop_caches
@@ -80,7 +82,7 @@ def back_free_memory(size: int) -> None:
     pages touched here are freed to the guest's allocator, which hands them out again
     first. Elsewhere this costs a second or two and changes nothing.
     """
-    bytearray(size)  # (zeroed: every page touched; freed at once)
+    bytearray(size + 512 * MiB)  # (zeroed: every page touched; freed at once)
 
 
 def free_port() -> int:
@@ -384,8 +386,8 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
     res = Results()
     pki = make_pki(work) if profile.tls and not (work / "pki").exists() else work / "pki"
     certificates = pki if profile.tls else None
-    extra = list(args.nbdfs_option) + (["--tls-certificates", str(pki)] if profile.tls else [])
-    libnbd_pki = libnbd_certificates(pki) if profile.tls else contextlib.nullcontext()
+    extra = list(args.nbdfs_option) + (["--tls-certificates", str(pki)] if certificates else [])
+    libnbd_pki = libnbd_certificates(pki) if certificates else contextlib.nullcontext()
     # (over TLS too: the no-op has no network, but nbdfuse's figures it is set against do;
     # the minimal client and the forwarder then speak TLS as nbdfs does)
     ceiling_too = args.ceiling and profile.delay_ms is None
@@ -425,7 +427,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                     mnt = work / MOUNT_DIRS[tool]
                     with mount(uri, mnt, *more) as (path, pid):
                         if unit == "MB/s":  # (the rows through the page cache)
-                            back_free_memory(size + 512 * MiB)
+                            back_free_memory(size)
                         cpu0, _ = proc_stats(pid)
                         value = measure(path)
                         cpu1, hwm = proc_stats(pid)
