@@ -558,7 +558,12 @@ class ExportPool:
                             await conn.flush()
                             self.stats.flushes += 1
                     except ConnectionLost:
+                        # A connection lost before its flush was answered may have lost
+                        # its writes with it (it left _dirty above, so _prune cannot
+                        # tell): the whole journal is written again first.
                         self._dirty.update(c for c in dirty if c.usable)
+                        if self._journal:
+                            self._need_replay = True
                         self._prune()
                         continue
                     self._journal.forget(mark)

@@ -87,6 +87,54 @@ def test_unflushed_writes_survive_a_server_restart(tmp: Path) -> None:
         assert b"replaying" in (tmp / "mnt.log").read_bytes()
 
 
+def test_a_flush_cut_short_by_the_server_s_death_replays_the_journal(tmp: Path) -> None:
+    """fsync's NBD_CMD_FLUSH is on the wire when the server dies with the writes in its
+    volatile cache: the journal is replayed on a new connection and flushed, never
+    forgotten as if that flush had happened (before: fsync succeeded and the writes were
+    gone)."""
+    exports = make_disk(tmp, 16 * MiB)
+    data = os.urandom(4 * MiB)
+    control = tmp / "pause.sock"
+    srv = Restartable(
+        "--filter=cache",
+        "--filter=pause",  # (pauses the cache's writing back, so the flush waits on it)
+        "file",
+        f"dir={exports}",
+        "cache=writeback",
+        f"pause-control={control}",
+    )
+    errors: list[BaseException] = []
+    try:
+        with mounted(srv.server.address, tmp / "mnt", "--timeout", "30") as mnt:
+            fd = os.open(mnt / "disk", os.O_WRONLY)
+            try:
+                for i in range(0, len(data), MiB):
+                    os.pwrite(fd, data[i : i + MiB], i)
+                PauseControl(control).send(b"p")
+
+                def sync() -> None:
+                    try:
+                        os.fsync(fd)
+                    except BaseException as exc:
+                        errors.append(exc)
+
+                thread = threading.Thread(target=sync)
+                thread.start()
+                time.sleep(0.5)  # the flush is sent and held
+                srv.kill()
+                control.unlink(missing_ok=True)
+                srv.start()
+                thread.join(60)
+                assert not thread.is_alive()
+            finally:
+                os.close(fd)
+    finally:
+        srv.close()
+    assert not errors, errors
+    assert (exports / "disk").read_bytes()[: len(data)] == data
+    assert b"replaying" in (tmp / "mnt.log").read_bytes()
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_server_killed_mid_write_and_restarted(tmp: Path, tls: bool) -> None:
     """Over TLS too: the sessions (ssl.SSLSocket on the descriptor) break mid-record, and
