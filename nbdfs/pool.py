@@ -24,7 +24,9 @@ outside them, as in httpcore's pool. The rules:
   volatile cache), so before anything else runs the journal is written again and flushed.
   Only then is it forgotten.
   While a replay cannot happen, fsync fails with EIO: we never report a flush that did not
-  happen. The journal is bounded: past ``journal_limit`` bytes a flush is forced.
+  happen. The journal is bounded: past an eighth of ``journal_limit`` bytes a flush starts
+  in the background (as NFS commits unstable writes behind a writer), and a writer that
+  finds it past the limit waits for a flush.
 * **A different disk behind the name fails the export for good.** Every new connection must
   find the export as the first one did (size, flags, block sizes), and the first one after
   all were gone must read back the bytes that ``verify`` checks (blocks fetched and not
@@ -63,7 +65,8 @@ from .wire import TransmissionFlag
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-JOURNAL_LIMIT = 64 << 20  # unflushed bytes kept for replay before a flush is forced
+JOURNAL_LIMIT = 64 << 20  # unflushed bytes kept for replay before a writer waits for a flush
+FLUSH_BEHIND = 8  # past JOURNAL_LIMIT / FLUSH_BEHIND unflushed bytes, a flush starts meanwhile
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0  # seconds between reconnection attempts
 
 
@@ -145,6 +148,7 @@ class ExportPool:
         self._need_replay = False
         self._replay_lock = trio.Lock()
         self._flush_lock = trio.Lock()
+        self._flushing_behind = False  # a flush the writes started is on its way
         self._busy = 0  # requests between choosing a connection and their outcome
         self._idle = trio.Event()
         self._closed = False
@@ -399,9 +403,24 @@ class ExportPool:
         except NbdError:
             self.stats.errors += 1
             raise
-        if self._journal.bytes > self.journal_limit and not self._flush_lock.locked():
-            await self.flush()
+        unflushed = self._journal.bytes
+        if unflushed > self.journal_limit:
+            await self.flush()  # (after any flush in progress: the bound holds)
+        elif unflushed > self.journal_limit // FLUSH_BEHIND and not self._flushing_behind:
+            self._flushing_behind = True
+            self._spawn(self._flush_behind)
         return result
+
+    async def _flush_behind(self) -> None:
+        """A flush the writes started, so that the journal stays small (its buffers
+        reused while still in the CPU's caches) without the writer waiting for it; one
+        that fails leaves the journal to the next."""
+        try:
+            await self.flush()
+        except NbdError as exc:
+            log.info("export %r: flush behind the writes failed: %s", self.name, exc)
+        finally:
+            self._flushing_behind = False
 
     async def _attempt(
         self,
