@@ -571,20 +571,23 @@ class ExportPool:
                         return
                     mark = self._journal.mark
                     dirty = list(self._dirty)
-                    self._dirty.difference_update(dirty)
+                    self._dirty.clear()  # (a write acknowledged from now on: dirty again)
                     try:
-                        for conn in dirty:
-                            await conn.flush()
+                        while dirty:
+                            await dirty[0].flush()
+                            dirty.pop(0)
                             self.stats.flushes += 1
                     except ConnectionLost:
-                        # A connection lost before its flush was answered may have lost
-                        # its writes with it (it left _dirty above, so _prune cannot
-                        # tell): the whole journal is written again first.
-                        self._dirty.update(c for c in dirty if c.usable)
-                        if self._journal:
-                            self._need_replay = True
-                        self._prune()
                         continue
+                    finally:
+                        # Those not flushed (the flush lost, timed out or cancelled) are
+                        # still dirty, or, lost before their flush was answered, may have
+                        # lost their writes: then the whole journal is written again.
+                        for conn in dirty:
+                            if conn.usable:
+                                self._dirty.add(conn)
+                            elif self._journal:
+                                self._need_replay = True
                     self._journal.forget(mark)
                     return
             self.stats.timeouts += 1

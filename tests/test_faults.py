@@ -283,6 +283,40 @@ def test_stalled_server_gives_eio_after_timeout_and_recovers(tmp: Path) -> None:
                 os.close(fd)
 
 
+def test_an_fsync_after_one_that_timed_out_still_flushes(tmp: Path) -> None:
+    """A flush that outlives --timeout fails fsync with EIO and keeps the writes unflushed:
+    the next fsync must send NBD_CMD_FLUSH again (before: the timed-out flush had taken its
+    connection off the dirty list, so the next fsync sent nothing, forgot the writes and
+    succeeded)."""
+    disk, stall, flushes = tmp / "disk.img", tmp / "stall", tmp / "flushes"
+    disk.write_bytes(bytes(4 * MiB))
+    flushes.touch()
+    with (
+        nbdkit(
+            "eval",
+            "get_size=echo 4194304",
+            f"pread=dd if={disk} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+            f"pwrite=dd of={disk} seek=$4 oflag=seek_bytes conv=notrunc status=none",
+            f"flush=echo >> {flushes}; if [ -e {stall} ]; then sleep 4; fi",
+            "thread_model=echo parallel",
+        ) as srv,
+        mounted(srv.address, tmp / "mnt", "--timeout", "1") as mnt,
+    ):
+        fd = os.open(mnt / "%default%", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 65536, 0)
+            stall.touch()
+            with pytest.raises(OSError) as info:
+                os.fsync(fd)
+            assert info.value.errno == errno.EIO
+            stall.unlink()
+            before = flushes.read_text().count("\n")
+            os.fsync(fd)
+            assert flushes.read_text().count("\n") > before
+        finally:
+            os.close(fd)
+
+
 def test_a_slow_server_within_the_timeout_is_waited_for(tmp: Path) -> None:
     """Replies taking a second, with --timeout 3: slow is not stalled, nothing times out
     (the watchdog that bounds each reply must not fire early)."""
