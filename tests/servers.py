@@ -121,6 +121,20 @@ def nbdkit(*args: str, port: int | None = None, unix: Path | None = None) -> Ite
             yield server
 
 
+def slow_flush_disk(disk: Path, flush: str) -> list[str]:
+    """nbdkit arguments serving the file ``disk`` through the eval plugin, with the shell
+    command ``flush`` as its flush (e.g. ``sleep 1``) and requests run in parallel, so
+    writes go on while a flush takes its time (no filter can slow a flush down)."""
+    return [
+        "eval",
+        f"get_size=stat -c %s {disk}",
+        f"pread=dd if={disk} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+        f"pwrite=dd of={disk} seek=$4 oflag=seek_bytes conv=notrunc status=none",
+        f"flush={flush}",
+        "thread_model=echo parallel",
+    ]
+
+
 @contextlib.contextmanager
 def qemu_nbd(image: Path, name: str, fmt: str = "qcow2", *extra: str) -> Iterator[Server]:
     """qemu-nbd serving ``image`` as export ``name``, to several clients, until stopped."""

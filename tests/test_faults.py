@@ -22,7 +22,7 @@ import pytest
 
 from .conftest import NBDFS, run_nbdfs
 from .mounts import mounted
-from .servers import Server, free_port, nbdkit
+from .servers import Server, free_port, nbdkit, slow_flush_disk
 
 pytestmark = pytest.mark.fuse
 MiB = 1 << 20
@@ -293,12 +293,7 @@ def test_an_fsync_after_one_that_timed_out_still_flushes(tmp: Path) -> None:
     flushes.touch()
     with (
         nbdkit(
-            "eval",
-            "get_size=echo 4194304",
-            f"pread=dd if={disk} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-            f"pwrite=dd of={disk} seek=$4 oflag=seek_bytes conv=notrunc status=none",
-            f"flush=echo >> {flushes}; if [ -e {stall} ]; then sleep 4; fi",
-            "thread_model=echo parallel",
+            *slow_flush_disk(disk, f"echo >> {flushes}; if [ -e {stall} ]; then sleep 4; fi")
         ) as srv,
         mounted(srv.address, tmp / "mnt", "--timeout", "1") as mnt,
     ):

@@ -14,7 +14,7 @@ from nbdfs.pool import ExportPool
 from nbdfs.target import parse_target
 from nbdfs.tls import TlsConfig
 
-from .servers import nbdkit
+from .servers import nbdkit, slow_flush_disk
 from .test_pool import log_events
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -29,9 +29,10 @@ async def _write(pool: ExportPool, offset: int, data: bytes) -> None:
     await pool.run(op, journal=Change.write(offset, data, False))
 
 
-def _write_all(address: str, total: int, unflushed: list[int]) -> None:
+def _write_all(address: str, total: int) -> list[int]:
     """Write ``total`` bytes in 64 KiB pieces through a pool with a 1 MiB journal limit,
-    never flushing; note the unflushed bytes as each write returns."""
+    never flushing; return the unflushed bytes as each write returned."""
+    unflushed: list[int] = []
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -43,14 +44,14 @@ def _write_all(address: str, total: int, unflushed: list[int]) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+    return unflushed
 
 
 def test_a_flush_starts_behind_a_writer_that_never_calls_fsync(tmp_path: Path) -> None:
     log = tmp_path / "nbdkit.log"
-    unflushed: list[int] = []
     with nbdkit("--filter=log", "memory", "4M", f"logfile={log}") as srv:
         # Under the limit, so no writer waits; past the eighth of it that starts a flush.
-        _write_all(srv.address, LIMIT * 3 // 4, unflushed)
+        _write_all(srv.address, LIMIT * 3 // 4)
         events = [e for _, e, _ in log_events(log) if e in ("Write", "Flush")]
     # Flushes came between the writes, not only at the end (aclose's).
     last_write = len(events) - 1 - events[::-1].index("Write")
@@ -62,16 +63,8 @@ def test_a_writer_past_the_limit_waits_for_a_slow_flush(tmp_path: Path) -> None:
     would pile several MiB into the journal while one flush ran."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 * MiB))
-    unflushed: list[int] = []
-    with nbdkit(
-        "eval",
-        "get_size=echo 4194304",
-        f"pread=dd if={disk} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-        f"pwrite=dd of={disk} seek=$4 oflag=seek_bytes conv=notrunc status=none",
-        "flush=sleep 0.5",
-        "thread_model=echo parallel",  # (writes go on while a flush sleeps)
-    ) as srv:
-        _write_all(srv.address, 3 * MiB, unflushed)
+    with nbdkit(*slow_flush_disk(disk, "sleep 0.5")) as srv:
+        unflushed = _write_all(srv.address, 3 * MiB)
         data = disk.read_bytes()
     assert max(unflushed) <= LIMIT + PIECE, unflushed
     assert all(
