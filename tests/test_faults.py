@@ -56,9 +56,15 @@ class Restartable:
 
 
 @contextlib.contextmanager
-def writeback(exports: Path, *tls: str) -> Iterator[Restartable]:
-    """nbdkit whose cache holds writes until NBD_CMD_FLUSH: a restart loses them."""
-    srv = Restartable(*tls, "--filter=cache", "file", f"dir={exports}", "cache=writeback")
+def writeback(exports: Path, *tls: str, pause: Path | None = None) -> Iterator[Restartable]:
+    """nbdkit whose cache holds writes until NBD_CMD_FLUSH: a restart loses them. With
+    ``pause`` (a control socket), the pause filter below the cache: paused, its writing
+    back, and so a flush, waits."""
+    below = ["--filter=pause"] if pause else []
+    control = [f"pause-control={pause}"] if pause else []
+    srv = Restartable(
+        *tls, "--filter=cache", *below, "file", f"dir={exports}", "cache=writeback", *control
+    )
     try:
         yield srv
     finally:
@@ -95,41 +101,33 @@ def test_a_flush_cut_short_by_the_server_s_death_replays_the_journal(tmp: Path) 
     exports = make_disk(tmp, 16 * MiB)
     data = os.urandom(4 * MiB)
     control = tmp / "pause.sock"
-    srv = Restartable(
-        "--filter=cache",
-        "--filter=pause",  # (pauses the cache's writing back, so the flush waits on it)
-        "file",
-        f"dir={exports}",
-        "cache=writeback",
-        f"pause-control={control}",
-    )
     errors: list[BaseException] = []
-    try:
-        with mounted(srv.server.address, tmp / "mnt", "--timeout", "30") as mnt:
-            fd = os.open(mnt / "disk", os.O_WRONLY)
-            try:
-                for i in range(0, len(data), MiB):
-                    os.pwrite(fd, data[i : i + MiB], i)
-                PauseControl(control).send(b"p")
+    with (
+        writeback(exports, pause=control) as srv,
+        mounted(srv.server.address, tmp / "mnt", "--timeout", "30") as mnt,
+    ):
+        fd = os.open(mnt / "disk", os.O_WRONLY)
+        try:
+            for i in range(0, len(data), MiB):
+                os.pwrite(fd, data[i : i + MiB], i)
+            PauseControl(control).send(b"p")
 
-                def sync() -> None:
-                    try:
-                        os.fsync(fd)
-                    except BaseException as exc:
-                        errors.append(exc)
+            def sync() -> None:
+                try:
+                    os.fsync(fd)
+                except BaseException as exc:
+                    errors.append(exc)
 
-                thread = threading.Thread(target=sync)
-                thread.start()
-                time.sleep(0.5)  # the flush is sent and held
-                srv.kill()
-                control.unlink(missing_ok=True)
-                srv.start()
-                thread.join(60)
-                assert not thread.is_alive()
-            finally:
-                os.close(fd)
-    finally:
-        srv.close()
+            thread = threading.Thread(target=sync)
+            thread.start()
+            time.sleep(0.5)  # the flush is sent and held
+            srv.kill()
+            control.unlink(missing_ok=True)
+            srv.start()
+            thread.join(60)
+            assert not thread.is_alive()
+        finally:
+            os.close(fd)
     assert not errors, errors
     assert (exports / "disk").read_bytes()[: len(data)] == data
     assert b"replaying" in (tmp / "mnt.log").read_bytes()
