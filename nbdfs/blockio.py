@@ -224,11 +224,20 @@ class ExportIO:
             if not sequential:
                 self._ahead.restart()
             if first == last:
-                # The usual warm read, inside one cached block: what the rest of this
-                # method does for it, without its lists and loops. One that continues the
-                # last read too: cached bytes never go to the server again (a random
-                # reader's next block often follows its last, as fio's random map picks).
+                # The usual read, inside one block: what the rest of this method does for
+                # it, without its lists and loops.
                 lo, hi = offset - first * cb, end - first * cb
+                if not sequential:
+                    item, started = self.cache.lookup(
+                        first, self._length(first), lo, hi, self._sector
+                    )
+                    if started:
+                        assert isinstance(item, Fetch)
+                        await self._fetch_run([(first, item)])  # (in this task)
+                    return _part(*_bytes_of(await self._settle(first, item, lo, hi)), lo, hi)
+                # One that continues the last read, if cached: cached bytes never go to the
+                # server again (a random reader's next block often follows its last, as
+                # fio's random map picks).
                 hit = self.cache.hit(first, lo, hi)
                 if hit is not None:
                     return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
@@ -244,17 +253,7 @@ class ExportIO:
         used: list[Block] = []
         for b, item in fetches:
             lo, hi = max(offset - b * cb, 0), min(end - b * cb, cb)
-            if isinstance(item, Fetch):
-                if not item.done.is_set():  # (mine is: no pass through the scheduler)
-                    await item.done.wait()
-                entry = item.data
-                if entry is None or (isinstance(entry, Piece) and not entry.holds(lo, hi)):
-                    entry = await self._wait(b, item, lo, hi)
-            else:
-                # A block that came with a larger read: a copy of its own, so a hot block
-                # never pins the whole buffer it arrived in.
-                entry = self.cache.own(b, item)
-            data, base = _bytes_of(entry)
+            data, base = _bytes_of(await self._settle(b, item, lo, hi))
             used.append(data)
             parts.append(_part(data, base, lo, hi))
         # pyfuse3 takes any buffer: a slice of one block, or of the buffer one request for
@@ -306,25 +305,26 @@ class ExportIO:
                 self._ahead.drop(run)
             run.done.set()
 
-    async def _wait(self, b: int, fetch: Fetch, lo: int, hi: int) -> Entry:
-        """The entry holding bytes ``lo`` to ``hi`` of block ``b``, once ``fetch`` is done.
+    async def _settle(self, b: int, item: Entry | Fetch, lo: int, hi: int) -> Entry:
+        """The entry holding bytes ``lo`` to ``hi`` of block ``b``: ``item`` if it is one,
+        else what the fetch ``item`` brings once done.
 
         The fetch may be another reader's, of another part of the block; then the block is
         fetched again (whole, now that it was touched twice).
         """
-        while True:
-            if not fetch.done.is_set():
-                await fetch.done.wait()
-            entry = fetch.data
+        while isinstance(item, Fetch):
+            if not item.done.is_set():  # (the reader's own is: no pass through the scheduler)
+                await item.done.wait()
+            entry = item.data
             if entry is None:
-                raise fetch.error or ReadFailed(f"reading block {b} of {self.pool.name!r} failed")
+                raise item.error or ReadFailed(f"reading block {b} of {self.pool.name!r} failed")
             if not isinstance(entry, Piece) or entry.holds(lo, hi):
                 return entry
             cb = self.cache.block_size
             ((_, item),), _ = self._fetches_for(range(b, b + 1), (b * cb + lo, b * cb + hi))
-            if not isinstance(item, Fetch):
-                return item
-            fetch = item
+        # A block that came with a larger read: a copy of its own, so a hot block never pins
+        # the whole buffer it arrived in.
+        return self.cache.own(b, item)
 
     def _fetches_for(
         self,
