@@ -317,6 +317,7 @@ class Connection:
         self._outbox: list[bytes | bytearray | memoryview] = []
         self._sending = False
         self._waiters: dict[int, _Waiter] = {}
+        self.payload_in_flight = 0  # bytes of the reads and writes in flight
         self.broken: NbdError | None = None
         self.draining = False  # server said ESHUTDOWN: no new requests, then disconnect
         self._reader_done = trio.Event()
@@ -493,10 +494,15 @@ class Connection:
         waiter = _Waiter(trio.Event())
         cookie, header = self.core.request(cmd, offset, length, flags, data, into)
         self._waiters[cookie] = waiter
-        await self._send(*((header,) if data is None else (header, data)))
-        if cmd == Cmd.READ:
-            self.core.prepare(cookie)
-        await waiter.event.wait()
+        payload = length if cmd == Cmd.READ or data is not None else 0
+        self.payload_in_flight += payload
+        try:
+            await self._send(*((header,) if data is None else (header, data)))
+            if cmd == Cmd.READ:
+                self.core.prepare(cookie)
+            await waiter.event.wait()
+        finally:
+            self.payload_in_flight -= payload
         if waiter.error is not None:
             raise waiter.error
         assert waiter.reply is not None

@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 JOURNAL_LIMIT = 64 << 20  # unflushed bytes kept for replay before a writer waits for a flush
+# What a connection carries before the next one takes any requests (when the export
+# allows several): requests in flight, bytes of their payloads.
+DEPTH, PAYLOAD = 16, 1 << 20
 FLUSH_BEHIND = 8  # past JOURNAL_LIMIT / FLUSH_BEHIND unflushed bytes, a flush starts meanwhile
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0  # seconds between reconnection attempts
 
@@ -213,20 +216,34 @@ class ExportPool:
 
     def _pick(self) -> Connection | None:
         """The connection for the next request, if one is there to take without waiting:
-        the one with the fewest requests in flight, unless it is busy and another may open."""
+        the first that is not full (fewer than DEPTH requests and PAYLOAD bytes in flight),
+        else the one with the fewest requests, unless another may open.
+
+        Filling one connection before the next keeps the small requests that come
+        together on one socket: they leave in one system call, their replies come back in
+        few, and one reader task wakes for them (4 KiB random reads at depth 16 spread
+        over 4 connections cost ~13% more CPU each; nbdkit serves 16 requests on a
+        connection at once by default). Large ones fill a connection soon, so that a small
+        request never waits on a socket behind megabytes of other replies while another
+        connection is free.
+        """
         if self._closed or self._need_replay:
             return None
-        best, fewest, stale = None, 0, False
+        best, fewest, full, stale = None, 0, True, False
         for conn in self._conns:  # (one pass, no key function: this runs per request)
             if not conn.usable:
                 stale = True
-            elif best is None or conn.in_flight < fewest:
-                best, fewest = conn, conn.in_flight
+            elif full:
+                n = conn.in_flight
+                if n < DEPTH and conn.payload_in_flight < PAYLOAD:
+                    best, full = conn, False
+                elif best is None or n < fewest:
+                    best, fewest = conn, n
         if stale:
             self._prune()  # (may find unflushed writes on a lost one: then replay first)
         if best is None or self._need_replay:
             return None
-        if best.in_flight and len(self._conns) + self._opening < self._max_connections():
+        if full and len(self._conns) + self._opening < self._max_connections():
             return None
         return best
 

@@ -86,6 +86,41 @@ def test_fsync_flushes_every_connection_that_wrote(tmp: Path) -> None:
     assert all(flushed_after[c] for c in writers), events
 
 
+def random_reads(path: Path, bs: str, depth: int) -> None:
+    fio = require_tool("fio")
+    subprocess.run(
+        [
+            fio,
+            "--name=r",
+            f"--filename={path}",
+            "--rw=randread",
+            f"--bs={bs}",
+            "--size=64M",
+            "--io_size=16M",
+            "--ioengine=libaio",
+            "--direct=1",
+            f"--iodepth={depth}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_small_requests_share_a_connection_large_ones_spread(tmp: Path) -> None:
+    """A connection takes requests until it carries 16 or 1 MiB of payloads, then the next
+    one does: 4 KiB reads at depth 8 all go over one socket (batched), 1 MiB reads at
+    depth 4 over several (none waits behind another's megabyte)."""
+    for bs, depth, spread in (("4k", 8, False), ("1M", 4, True)):
+        log = tmp / f"nbdkit-{bs}.log"
+        with nbdkit("--filter=log", "memory", "64M", f"logfile={log}") as srv:
+            with mounted(srv.address, tmp / "mnt", "-C", "4") as mnt:
+                random_reads(mnt / "%default%", bs, depth)
+                events = log_events(log)
+        readers = {c for c, e, _ in events if e == "Read"}
+        assert (len(readers) > 1) == spread, (bs, readers)
+
+
 def test_one_connection_without_multi_conn(tmp: Path) -> None:
     log = tmp / "nbdkit.log"
     with nbdkit(
