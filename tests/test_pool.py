@@ -28,20 +28,22 @@ def log_events(log: Path) -> list[tuple[int, str, str]]:
     return out
 
 
-def aio_writes(path: Path) -> None:
-    """Many writes in flight at once (the kernel serializes buffered writes to one file)."""
+def direct_io(path: Path, rw: str, bs: str, depth: int) -> None:
+    """fio: 16 MiB of O_DIRECT requests in the first 64 MiB, ``depth`` of them in flight at
+    once (the kernel serializes buffered writes to one file)."""
     fio = require_tool("fio")
     subprocess.run(
         [
             fio,
-            "--name=w",
+            "--name=j",
             f"--filename={path}",
-            "--rw=randwrite",
-            "--bs=64k",
-            "--size=16M",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            "--size=64M",
+            "--io_size=16M",
             "--ioengine=libaio",
             "--direct=1",
-            "--iodepth=32",
+            f"--iodepth={depth}",
             "--end_fsync=0",
         ],
         check=True,
@@ -70,7 +72,7 @@ def test_fsync_flushes_every_connection_that_wrote(tmp: Path) -> None:
     log = tmp / "nbdkit.log"
     with nbdkit("--filter=log", "memory", "64M", f"logfile={log}") as srv:
         with mounted(srv.address, tmp / "mnt", "-C", "4") as mnt:
-            aio_writes(mnt / "%default%")
+            direct_io(mnt / "%default%", "randwrite", "64k", 32)
             fd = os.open(mnt / "%default%", os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
@@ -86,27 +88,6 @@ def test_fsync_flushes_every_connection_that_wrote(tmp: Path) -> None:
     assert all(flushed_after[c] for c in writers), events
 
 
-def random_reads(path: Path, bs: str, depth: int) -> None:
-    fio = require_tool("fio")
-    subprocess.run(
-        [
-            fio,
-            "--name=r",
-            f"--filename={path}",
-            "--rw=randread",
-            f"--bs={bs}",
-            "--size=64M",
-            "--io_size=16M",
-            "--ioengine=libaio",
-            "--direct=1",
-            f"--iodepth={depth}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
 def test_small_requests_share_a_connection_large_ones_spread(tmp: Path) -> None:
     """A connection takes requests until it carries 16 or 1 MiB of payloads, then the next
     one does: 4 KiB reads at depth 8 all go over one socket (batched), 1 MiB reads at
@@ -115,7 +96,7 @@ def test_small_requests_share_a_connection_large_ones_spread(tmp: Path) -> None:
         log = tmp / f"nbdkit-{bs}.log"
         with nbdkit("--filter=log", "memory", "64M", f"logfile={log}") as srv:
             with mounted(srv.address, tmp / "mnt", "-C", "4") as mnt:
-                random_reads(mnt / "%default%", bs, depth)
+                direct_io(mnt / "%default%", "randread", bs, depth)
                 events = log_events(log)
         readers = {c for c, e, _ in events if e == "Read"}
         assert (len(readers) > 1) == spread, (bs, readers)
@@ -132,7 +113,7 @@ def test_one_connection_without_multi_conn(tmp: Path) -> None:
         f"logfile={log}",
     ) as srv:
         with mounted(srv.address, tmp / "mnt", "-C", "4") as mnt:
-            aio_writes(mnt / "%default%")
+            direct_io(mnt / "%default%", "randwrite", "64k", 32)
             events = log_events(log)
     assert len({c for c, e, _ in events if e in ("Write", "Read")}) == 1
 
