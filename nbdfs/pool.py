@@ -223,9 +223,9 @@ class ExportPool:
         together on one socket: they leave in one system call, their replies come back in
         few, and one reader task wakes for them (4 KiB random reads at depth 16 spread
         over 4 connections cost 107 us of CPU each, on one 76, in a paired run; nbdkit
-        serves 16 requests on a connection at once by default). Large ones fill a connection soon, so that a small
-        request never waits on a socket behind megabytes of other replies while another
-        connection is free.
+        serves 16 requests on a connection at once by default). Large ones fill a
+        connection soon, so that a small request never waits on a socket behind megabytes
+        of other replies while another connection is free.
         """
         if self._closed or self._need_replay:
             return None
