@@ -609,6 +609,12 @@ def report(profile: Profile, res: Results) -> str:
                 f" file system forwarding each read to one minimal NBD connection) cost"
                 f" {composed:.0f} us per read ({composed / (noop_cpu + client_cpu):.2f}x their"
                 f" sum); nbdfs costs {ours / composed:.2f}x that."
+                + (
+                    f" The floors composed already cost more than the target allows"
+                    f" ({bound:.0f} us): it is ruled out."
+                    if composed > bound and ours > bound
+                    else ""
+                )
             )
     for name in ("4K rand read QD1 (cold)", qd16):
         if NOCACHE not in res.cpu.get(name, {}):
