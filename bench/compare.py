@@ -38,6 +38,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -271,15 +272,58 @@ def fio_iops(path: Path, depth: int, runtime: int, size: str, rw: str = "randrea
     return float(job["read"]["iops"])
 
 
+def proc_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds used by a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def proc_stats(pid: int) -> tuple[float, int]:
     """CPU seconds used and peak RSS in bytes of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     hwm = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return cpu, int(hwm.group(1)) * 1024 if hwm else 0
+    return sum(proc_times(pid)), int(hwm.group(1)) * 1024 if hwm else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSplit:
+    """Where the machine's CPU time went during a sequential read, in microseconds per MiB:
+    the daemon's own work (Python, libfuse) and its system calls (the socket's copy in, the
+    reply's copy into the page cache), the server's, and the reader's (dd: the page cache's
+    copy out); and how busy the CPUs were (a fraction)."""
+
+    user: float
+    kernel: float
+    server: float
+    reader: float
+    busy: float
+
+    @staticmethod
+    def sample(pid: int, server_pid: int) -> list[float]:
+        """The counters :meth:`between` two samples compares."""
+        user, kernel = proc_times(pid)
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # (dd, once it has exited)
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        idle = ticks[3] + ticks[4]
+        server = sum(proc_times(server_pid))
+        return [
+            user,
+            kernel,
+            server,
+            reaped.ru_utime + reaped.ru_stime,
+            sum(ticks) - idle,
+            sum(ticks),
+        ]
+
+    @classmethod
+    def between(cls, before: list[float], after: list[float], mib: float) -> CpuSplit:
+        d = [b - a for a, b in zip(before, after, strict=True)]
+        per = 1e6 / mib
+        return cls(d[0] * per, d[1] * per, d[2] * per, d[3] * per, d[4] / d[5] if d[5] else 0)
 
 
 Row = tuple[str, str, Callable[[Path], float]]
+SEQ_READ = "seq read (dd 1M, cold)"
 
 
 def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
@@ -287,7 +331,7 @@ def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
     wn = min(n, 256)
     return [
         (
-            "seq read (dd 1M, cold)",
+            SEQ_READ,
             "MB/s",
             lambda f: dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6,
         ),
@@ -340,6 +384,7 @@ class Results:
     cpu: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     rss: list[int] = dataclasses.field(default_factory=list)
     minimal_client: list[float] = dataclasses.field(default_factory=list)  # CPU us per read
+    seq_split: dict[str, list[CpuSplit]] = dataclasses.field(default_factory=dict)  # tool ->
 
 
 @contextlib.contextmanager
@@ -395,6 +440,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
         libnbd_pki,
         server(size, work, args.rate, profile.delay_ms, certificates) as uri,
     ):
+        server_pid = int((work / "nbdkit.pid").read_text())
         for r in range(args.rounds):
             start = time.monotonic()
             sh("nbdcopy", uri, "null:")
@@ -428,9 +474,15 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                     with mount(uri, mnt, *more) as (path, pid):
                         if unit == "MB/s":  # (the rows through the page cache)
                             back_free_memory(size)
+                        split0 = CpuSplit.sample(pid, server_pid)
                         cpu0, _ = proc_stats(pid)
                         value = measure(path)
                         cpu1, hwm = proc_stats(pid)
+                        split1 = CpuSplit.sample(pid, server_pid)
+                    if name == SEQ_READ:
+                        res.seq_split.setdefault(tool, []).append(
+                            CpuSplit.between(split0, split1, size / MiB)
+                        )
                     res.values.setdefault(name, {}).setdefault(tool, []).append(value)
                     if unit == "MB/s":
                         moved = size if "read" in name else min(size, 256 * MiB)
@@ -555,6 +607,38 @@ def main() -> None:
         chart({p.name: results[p.name] for p in profiles}, profiles, ROOT / "docs" / "bench.png")
 
 
+def seq_split_notes(res: Results) -> list[str]:
+    """Where a sequential read's CPU time went, each tool's, and what that leaves: the rate
+    a daemon doing no user-space work at all would reach with the CPUs as busy as they
+    were (its system calls, the server and dd unchanged)."""
+    lines = []
+    for tool in ("nbdfs", "nbdfuse"):
+        splits = res.seq_split.get(tool)
+        if not splits:
+            continue
+        m = {
+            f.name: statistics.median(getattr(s, f.name) for s in splits)
+            for f in dataclasses.fields(CpuSplit)
+        }
+        line = (
+            f"- Seq read, where the CPU time per MiB went with {tool}: the daemon's own work"
+            f" {m['user']:.0f} us, its system calls {m['kernel']:.0f} us (the socket's copy in,"
+            f" the reply's copy into the page cache), nbdkit {m['server']:.0f} us, dd"
+            f" {m['reader']:.0f} us; the {os.cpu_count()} CPUs {m['busy']:.0%} busy."
+        )
+        others = m["kernel"] + m["server"] + m["reader"]
+        fuse = res.values.get(SEQ_READ, {}).get("nbdfuse")
+        if tool == "nbdfs" and fuse and others:
+            bound = m["busy"] * (os.cpu_count() or 1) * 1e6 / others * MiB / 1e6
+            line += (
+                f" The rest alone, at that use of the CPUs, would take a daemon with no"
+                f" user-space work at all to {bound:.0f} MB/s"
+                f" ({bound / statistics.median(fuse):.2f}x nbdfuse)."
+            )
+        lines.append(line)
+    return lines
+
+
 def report(profile: Profile, res: Results) -> str:
     floors = any(t in per for per in res.values.values() for t in (NOOP, FORWARD, NOCACHE))
     lines = [
@@ -584,12 +668,13 @@ def report(profile: Profile, res: Results) -> str:
             )
         lines.append(line)
     lines.append("")
-    seq = res.values.get("seq read (dd 1M, cold)", {}).get("nbdfs")
+    seq = res.values.get(SEQ_READ, {}).get("nbdfs")
     if seq and raw:
         lines.append(
             f"- Raw NBD ceiling (nbdcopy to null): {raw:.0f} MB/s; nbdfs sequential read is"
             f" {statistics.median(seq) / raw:.0%} of it (target: at least 50%)."
         )
+    lines += seq_split_notes(res)
     qd16 = "4K rand read QD16 (cold)"
     if res.minimal_client and qd16 in res.cpu and NOOP in res.cpu[qd16]:
         noop_cpu = statistics.median(res.cpu[qd16][NOOP])
