@@ -25,8 +25,9 @@ NBD connections, TLS ones in the TLS profiles).
 Prints one table per profile: medians, the nbdfs/nbdfuse ratio and its range over the
 rounds, the issue's target for the row, the daemons' CPU per request or MiB, the floors,
 where a sequential read's CPU time went (the daemon's own work and system calls, nbdkit,
-dd; the CPUs' use), nbdfs's peak RSS and CPU seconds per GiB. A full run (all four profiles, no --only)
-writes docs/bench.md and docs/bench.png (matplotlib, installed on demand).
+dd; the CPUs' use), nbdfs's peak RSS and CPU seconds per GiB. A full run (all four
+profiles, no --only) writes docs/bench.md and docs/bench.png (matplotlib, installed on
+demand).
 
 Needs root (page cache, /etc/pki/libnbd), nbdkit, nbdfuse, nbdcopy, fio.
 """
@@ -385,7 +386,8 @@ class Results:
     cpu: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     rss: list[int] = dataclasses.field(default_factory=list)
     minimal_client: list[float] = dataclasses.field(default_factory=list)  # CPU us per read
-    seq_split: dict[str, list[CpuSplit]] = dataclasses.field(default_factory=dict)  # tool ->
+    # tool -> each round's CpuSplit of the sequential read
+    seq_split: dict[str, list[CpuSplit]] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -630,7 +632,7 @@ def seq_split_notes(res: Results) -> list[str]:
         others = m["kernel"] + m["server"] + m["reader"]
         fuse = res.values.get(SEQ_READ, {}).get("nbdfuse")
         if tool == "nbdfs" and fuse and others:
-            bound = m["busy"] * (os.cpu_count() or 1) * 1e6 / others * MiB / 1e6
+            bound = m["busy"] * (os.cpu_count() or 1) * MiB / others  # (MB/s: us per MiB)
             line += (
                 f" The rest alone, at that use of the CPUs, would take a daemon with no"
                 f" user-space work at all to {bound:.0f} MB/s"
