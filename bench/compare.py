@@ -477,15 +477,15 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                     with mount(uri, mnt, *more) as (path, pid):
                         if unit == "MB/s":  # (the rows through the page cache)
                             back_free_memory(size)
-                        split0 = CpuSplit.sample(pid, server_pid)
+                        before = CpuSplit.sample(pid, server_pid) if name == SEQ_READ else None
                         cpu0, _ = proc_stats(pid)
                         value = measure(path)
                         cpu1, hwm = proc_stats(pid)
-                        split1 = CpuSplit.sample(pid, server_pid)
-                    if name == SEQ_READ:
-                        res.seq_split.setdefault(tool, []).append(
-                            CpuSplit.between(split0, split1, size / MiB)
-                        )
+                        if before is not None:
+                            after = CpuSplit.sample(pid, server_pid)
+                            res.seq_split.setdefault(tool, []).append(
+                                CpuSplit.between(before, after, size / MiB)
+                            )
                     res.values.setdefault(name, {}).setdefault(tool, []).append(value)
                     if unit == "MB/s":
                         moved = size if "read" in name else min(size, 256 * MiB)
