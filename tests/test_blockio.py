@@ -132,6 +132,8 @@ def test_a_failed_read_ahead_fails_its_readers_and_is_asked_again(tmp_path: Path
         with pytest.raises(CommandError) as failed:
             await io.read(MiB, MiB)  # (a scan: its own read and read-ahead fail)
         assert failed.value.errno == errno.EIO
+        for run in list(io._ahead.runs):  # (sent while reads fail: a reader who joins one
+            await run.done.wait()  # in flight gets its error, as it would a fetch's)
         inject.unlink()
         assert bytes(await io.read(2 * MiB, MiB)) == bytes(MiB)  # (the scan goes on)
         assert bytes(await io.read(3 * MiB, MiB)) == bytes(MiB)
