@@ -238,7 +238,7 @@ class ExportIO:
                 # One that continues the last read, if cached: cached bytes never go to the
                 # server again (a random reader's next block often follows its last, as
                 # fio's random map picks).
-                hit = self.cache.hit(first, lo, hi)
+                hit = self.cache.hit(first)
                 if hit is not None:
                     return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
             if sequential:
@@ -424,7 +424,7 @@ class ExportIO:
             )
 
     def _entry(self, b: int, fetch: Fetch, data: Block) -> Entry:
-        """What a fetch brought, as the cache holds it: the block, or a piece of it."""
+        """What a fetch brought: the block, or a piece of it (for its readers alone)."""
         return data if not fetch.lo and fetch.hi == self._length(b) else Piece(fetch.lo, data)
 
     def _length(self, b: int) -> int:

@@ -16,14 +16,18 @@ last write:
 Fetches in flight are shared: a second reader of a block being fetched waits for that
 fetch instead of asking the server again. A failed fetch is never cached.
 
-An entry may hold just part of its block (a :class:`Piece`): a read at random fetches only
-the sectors it needs the first time it touches a block, since a whole block per 4 KiB read
-multiplies the bytes on the wire; a second touch fetches the whole block.
+A block enters the cache on its second touch (as ARC's and 2Q's ghost entries and
+TinyLFU's doorkeeper admit only what comes back): a read at random that touches a block the
+first time fetches only the sectors it needs (a :class:`Piece`, for its readers alone), and
+the block number is remembered; a touch of a remembered block fetches it whole, and caches
+it. A block read once costs its sectors on the wire and no memory; a working set read
+twice is cached in whole blocks.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -39,24 +43,22 @@ Block = bytes | bytearray | memoryview
 
 @dataclass(slots=True)
 class Piece:
-    """Part of a block: its bytes from ``lo`` to ``lo + len(data)``, never all of it."""
+    """Part of a block that a fetch brought: its bytes from ``lo`` to ``lo + len(data)``,
+    never all of it. Its readers get it; the cache never keeps it."""
 
     lo: int
     data: Block
-
-    def __len__(self) -> int:  # (the LRU counts entries in bytes)
-        return len(self.data)
 
     def holds(self, lo: int, hi: int) -> bool:
         return self.lo <= lo and hi <= self.lo + len(self.data)
 
 
-Entry = Block | Piece
+Entry = Block | Piece  # what a fetch brings
 SAMPLE_MAX = 32  # fetched blocks remembered by checksum, to recognise the disk on reconnect
 Key = tuple[int, int]  # (export's number in the store, block number)
 
 
-class BlockStore(LRUCache[Key, Entry]):
+class BlockStore(LRUCache[Key, Block]):
     """The cached blocks of every export of a mount, within one byte budget; and the
     budget of their read-ahead, a quarter of it (the runs live outside the cache)."""
 
@@ -71,7 +73,7 @@ class BlockStore(LRUCache[Key, Entry]):
         self._owners += 1
         return self._owners
 
-    def __setitem__(self, key: Key, value: Entry) -> None:
+    def __setitem__(self, key: Key, value: Block) -> None:
         if key in self:
             del self[key]  # (accounted for below, whatever the eviction order)
         super().__setitem__(key, value)  # may evict others, through __delitem__
@@ -112,6 +114,10 @@ class BlockCache:
         self.store = store
         self._owner = store.new_owner()
         self._lru: BlockStore | None = store if store.capacity >= block_size else None
+        # Blocks touched once and not cached, oldest first: as many as the store holds
+        # blocks of this size (ARC's ghost list); a touch of one of them caches it.
+        self._touched: OrderedDict[int, None] = OrderedDict()
+        self._touched_max = store.capacity // block_size
         self._fetches: dict[int, Fetch] = {}
         self._gen: dict[int, int] = {}
         self._writes = 0  # writes in flight; generations can be forgotten when none are,
@@ -131,39 +137,31 @@ class BlockCache:
         """Bytes of this export's blocks in the store."""
         return self.store.used_by.get(self._owner, 0)
 
-    def get(
-        self, block: int, lo: int = 0, hi: int | None = None, count: bool = True
-    ) -> Entry | None:
-        """The entry if it holds bytes ``lo`` to ``hi`` of the block (None: all of them)."""
-        return self.find(block, lo, hi, count)[0]
+    def get(self, block: int, count: bool = True) -> Block | None:
+        """The cached block, if it is."""
+        return self.find(block, count)[0]
 
-    def find(
-        self, block: int, lo: int = 0, hi: int | None = None, count: bool = True
-    ) -> tuple[Entry | None, Piece | None]:
-        """:meth:`get`, and the piece of the block that is cached if it does not hold them
-        (one lookup for both)."""
+    def find(self, block: int, count: bool = True) -> tuple[Block | None, bool]:
+        """:meth:`get`, and whether the block was touched before if it is not cached (one
+        lookup for both)."""
         if self._lru is None:
-            return None, None
+            return None, False
         entry = self._lru.get((self._owner, block))
-        piece = None
-        if isinstance(entry, Piece) and (hi is None or not entry.holds(lo, hi)):
-            entry, piece = None, entry
         if count:
             if entry is None:
                 self.misses += 1
             else:
                 self.hits += 1
-        return entry, piece
+        return entry, entry is None and block in self._touched
 
-    def hit(self, block: int, lo: int, hi: int) -> Entry | None:
-        """The entry holding bytes ``lo`` to ``hi`` of the block, counted as a hit; None,
-        counted as nothing, if there is none (the caller goes on to :meth:`lookup`)."""
+    def hit(self, block: int) -> Block | None:
+        """The cached block, counted as a hit; None, counted as nothing, if it is not (the
+        caller goes on to :meth:`lookup`)."""
         if self._lru is None:
             return None
         entry = self._lru.get((self._owner, block))
-        if entry is None or (isinstance(entry, Piece) and not entry.holds(lo, hi)):
-            return None
-        self.hits += 1
+        if entry is not None:
+            self.hits += 1
         return entry
 
     def lookup(
@@ -177,28 +175,29 @@ class BlockCache:
           and False;
         * a *miss*: a fetch started here, and True (the caller sends it). A block touched
           the first time is fetched only in the ``sector``-aligned part asked for; a block
-          touched again (a piece of it cached), all of it.
+          touched before, all of it.
         """
-        cached, piece = self.find(block, lo, hi, count)
+        cached, touched = self.find(block, count)
         if cached is not None:
             return cached, False
         fetch = self.fetching(block)
         if fetch is not None:
             return fetch, False
         f_lo, f_hi = 0, length
-        if piece is None:
+        if not touched:
             f_lo, f_hi = lo - lo % sector, min(hi + (-hi % sector), length)
         return self.start_fetch(block, f_lo, f_hi), True
 
     def own(self, block: int, entry: Entry) -> Entry:
         """Replace a cached view of a larger buffer by a copy of its bytes; return it."""
-        data = entry.data if isinstance(entry, Piece) else entry
-        if not isinstance(data, memoryview):
-            return entry
-        copy: Entry = bytes(data) if not isinstance(entry, Piece) else Piece(entry.lo, bytes(data))
         key = (self._owner, block)
-        if self._lru is not None and self._lru.get(key) is entry:
-            self._lru[key] = copy
+        if (
+            not isinstance(entry, memoryview)
+            or self._lru is None
+            or self._lru.get(key) is not entry
+        ):
+            return entry  # (a piece, or bytes of its own, or not cached)
+        copy = self._lru[key] = bytes(entry)
         return copy
 
     def fetching(self, block: int) -> Fetch | None:
@@ -219,7 +218,8 @@ class BlockCache:
 
     def end_fetch(self, block: int, fetch: Fetch, outcome: Entry | Exception) -> None:
         """Publish a fetch's outcome, its bytes or the error that every reader of it gets;
-        cache the bytes if no write touched the block meanwhile (an error never is)."""
+        cache a whole block if no write touched it meanwhile (an error never is, and a piece
+        only marks the block as touched)."""
         self._fetches_running -= 1
         if self._fetches.get(block) is fetch:
             del self._fetches[block]
@@ -233,10 +233,17 @@ class BlockCache:
             and self._lru is not None
             and self._gen.get(block, 0) == fetch.generation
         ):
-            self._lru[(self._owner, block)] = fetch.data
+            entry = fetch.data
+            if isinstance(entry, Piece):
+                lo, data = entry.lo, entry.data
+                self._touched[block] = None
+                if len(self._touched) > self._touched_max:
+                    self._touched.popitem(last=False)
+            else:
+                lo, data = 0, entry
+                self._lru[(self._owner, block)] = entry
+                self._touched.pop(block, None)
             if len(self._sample) < SAMPLE_MAX:
-                entry = fetch.data
-                lo, data = (entry.lo, entry.data) if isinstance(entry, Piece) else (0, entry)
                 self._sample[block] = (lo, len(data), zlib.crc32(data))
 
     def sample(self) -> list[tuple[int, int, int, int]]:
@@ -246,6 +253,7 @@ class BlockCache:
     def clear(self) -> None:
         """Forget every block (the export is not the one they came from)."""
         self.store.drop_owner(self._owner)
+        self._touched.clear()
         self._sample.clear()
 
     def start_write(self, blocks: range) -> dict[int, int]:
@@ -283,6 +291,6 @@ class BlockCache:
         if self._lru is None:
             return None
         old = self._lru.get((self._owner, block))
-        if old is None or isinstance(old, Piece):  # (a piece written to is dropped)
+        if old is None:
             return None
         return b"".join((old[:offset], data, old[offset + len(data) :]))

@@ -61,14 +61,28 @@ def test_a_failed_fetch_publishes_its_error_and_is_never_cached() -> None:
     assert c.get(0) is None and c.fetching(0) is None
 
 
-def test_pieces_answer_only_what_they_hold() -> None:
+def test_a_block_is_cached_on_its_second_touch_not_its_first() -> None:
     c = cache()
-    fetch(c, 0, b"p" * 512, lo=1024)
-    assert c.get(0, 1024, 1536) == Piece(1024, b"p" * 512)
-    assert c.get(0, 1024, 2048) is None  # more than the piece holds: a miss
-    entry, piece = c.find(0)  # the whole block: a miss, and the piece that is there
-    assert entry is None and piece == Piece(1024, b"p" * 512)
-    assert c.patch(0, 0, b"z") is None  # a piece written to is dropped, not patched
+    fetch(c, 0, b"p" * 512, lo=1024)  # the first touch: its sectors, for its readers alone
+    assert c.get(0) is None and c.used == 0
+    assert c.find(0, count=False) == (None, True)  # but the block is remembered
+    assert c.patch(0, 0, b"z") is None  # (nothing to patch)
+    again, started = c.lookup(0, CB, 1024, 1536, 512)  # the same bytes again: all of it
+    assert started and isinstance(again, Fetch) and (again.lo, again.hi) == (0, CB)
+    c.end_fetch(0, again, b"w" * CB)
+    assert c.get(0) == b"w" * CB and c.find(0) == (b"w" * CB, False)
+
+
+def test_blocks_touched_once_are_remembered_as_many_as_the_store_holds() -> None:
+    c = cache(capacity=4 * CB)
+    for b in range(5):
+        fetch(c, b, b"p" * 512)
+    assert c.find(0, count=False) == (None, False)  # the oldest, forgotten
+    assert all(c.find(b, count=False) == (None, True) for b in range(1, 5))
+    first, _ = c.lookup(0, CB, 0, 512, 512)  # a first touch again: its sector only
+    assert isinstance(first, Fetch) and (first.lo, first.hi) == (0, 512)
+    c.clear()
+    assert c.find(1, count=False) == (None, False)
 
 
 def test_concurrent_writes_to_one_block_drop_it() -> None:
@@ -116,26 +130,24 @@ def test_lookup_answers_hit_join_or_miss_in_one_call() -> None:
     joined, started = c.lookup(0, CB, 0, 300, 512)
     assert joined is first and not started
     c.end_fetch(0, first, Piece(0, b"p" * 512))
-    # the piece answers what it holds: a hit
-    hit, started = c.lookup(0, CB, 0, 512, 512)
-    assert hit == Piece(0, b"p" * 512) and not started
-    # beyond the piece: the block was touched before, so the whole of it is fetched
-    whole, started = c.lookup(0, CB, 1000, 1100, 512)
+    assert joined.data == Piece(0, b"p" * 512)  # (both readers get the piece)
+    # touched before: the whole block is fetched, and cached
+    whole, started = c.lookup(0, CB, 0, 512, 512)
     assert started and isinstance(whole, Fetch) and (whole.lo, whole.hi) == (0, CB)
+    assert c.lookup(0, CB, 1000, 1100, 512) == (whole, False)  # (joined)
     c.end_fetch(0, whole, b"w" * CB)
     assert c.lookup(0, CB, 0, CB, 512) == (b"w" * CB, False)
-    assert c.hits == 2 and c.misses == 3
+    assert c.hits == 1 and c.misses == 4
 
 
 def test_hit_answers_only_what_is_cached_and_counts_only_hits() -> None:
     """The warm read's shortcut: a miss through it counts nothing, since the reader then
     asks :meth:`BlockCache.lookup`, which counts it."""
     c = cache()
-    assert c.hit(0, 0, 512) is None
+    assert c.hit(0) is None
     fetch(c, 0, b"w" * CB)
     fetch(c, 1, b"p" * 512)
-    assert c.hit(0, 100, 200) == b"w" * CB
-    assert c.hit(1, 0, 512) == Piece(0, b"p" * 512)
-    assert c.hit(1, 0, 513) is None  # (beyond the piece)
-    assert c.hit(2, 0, 512) is None
-    assert (c.hits, c.misses) == (2, 0)
+    assert c.hit(0) == b"w" * CB
+    assert c.hit(1) is None  # (a piece is never cached)
+    assert c.hit(2) is None
+    assert (c.hits, c.misses) == (1, 0)
