@@ -67,6 +67,10 @@ class BlockStore(LRUCache[Key, Block]):
         self.capacity = capacity
         self.read_ahead = Budget(capacity // 4)
         self.used_by: dict[int, int] = {}  # export number -> bytes it holds here
+        # Blocks of every export touched once and not cached, oldest first (ARC's ghost
+        # list): as many as the store holds blocks, so a mount of many exports remembers
+        # no more than a mount of one. A touch of one of them caches it.
+        self.touched: OrderedDict[Key, None] = OrderedDict()
         self._owners = 0
 
     def new_owner(self) -> int:
@@ -88,9 +92,17 @@ class BlockStore(LRUCache[Key, Block]):
         else:
             del self.used_by[key[0]]
 
+    def touch(self, key: Key, block_size: int) -> None:
+        """Remember a block touched once, forgetting the oldest beyond the store's count."""
+        self.touched[key] = None
+        if len(self.touched) > self.capacity // block_size:
+            self.touched.popitem(last=False)
+
     def drop_owner(self, owner: int) -> None:
         for key in [k for k in self.keys() if k[0] == owner]:
             del self[key]
+        for key in [k for k in self.touched if k[0] == owner]:
+            del self.touched[key]
 
 
 @dataclass(slots=True)
@@ -114,10 +126,6 @@ class BlockCache:
         self.store = store
         self._owner = store.new_owner()
         self._lru: BlockStore | None = store if store.capacity >= block_size else None
-        # Blocks touched once and not cached, oldest first: as many as the store holds
-        # blocks of this size (ARC's ghost list); a touch of one of them caches it.
-        self._touched: OrderedDict[int, None] = OrderedDict()
-        self._touched_max = store.capacity // block_size
         self._fetches: dict[int, Fetch] = {}
         self._gen: dict[int, int] = {}
         self._writes = 0  # writes in flight; generations can be forgotten when none are,
@@ -152,7 +160,7 @@ class BlockCache:
                 self.misses += 1
             else:
                 self.hits += 1
-        return entry, entry is None and block in self._touched
+        return entry, entry is None and (self._owner, block) in self.store.touched
 
     def hit(self, block: int) -> Block | None:
         """The cached block, counted as a hit; None, counted as nothing, if it is not (the
@@ -236,13 +244,11 @@ class BlockCache:
             entry = fetch.data
             if isinstance(entry, Piece):
                 lo, data = entry.lo, entry.data
-                self._touched[block] = None
-                if len(self._touched) > self._touched_max:
-                    self._touched.popitem(last=False)
+                self.store.touch((self._owner, block), self.block_size)
             else:
                 lo, data = 0, entry
                 self._lru[(self._owner, block)] = entry
-                self._touched.pop(block, None)
+                self.store.touched.pop((self._owner, block), None)
             if len(self._sample) < SAMPLE_MAX:
                 self._sample[block] = (lo, len(data), zlib.crc32(data))
 
@@ -253,7 +259,6 @@ class BlockCache:
     def clear(self) -> None:
         """Forget every block (the export is not the one they came from)."""
         self.store.drop_owner(self._owner)
-        self._touched.clear()
         self._sample.clear()
 
     def start_write(self, blocks: range) -> dict[int, int]:

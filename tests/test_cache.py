@@ -74,15 +74,21 @@ def test_a_block_is_cached_on_its_second_touch_not_its_first() -> None:
 
 
 def test_blocks_touched_once_are_remembered_as_many_as_the_store_holds() -> None:
-    c = cache(capacity=4 * CB)
-    for b in range(5):
-        fetch(c, b, b"p" * 512)
-    assert c.find(0, count=False) == (None, False)  # the oldest, forgotten
-    assert all(c.find(b, count=False) == (None, True) for b in range(1, 5))
-    first, _ = c.lookup(0, CB, 0, 512, 512)  # a first touch again: its sector only
+    """For the whole mount: two exports sharing a store of 4 blocks remember 4 between them."""
+    store = BlockStore(4 * CB)
+    a, b = cache(store=store), cache(store=store)
+    for n in range(3):
+        fetch(a, n, b"p" * 512)
+    fetch(b, 0, b"q" * 512)
+    fetch(b, 1, b"q" * 512)  # the fifth: export a's block 0, the oldest, is forgotten
+    assert a.find(0, count=False) == (None, False)
+    assert all(a.find(n, count=False) == (None, True) for n in (1, 2))
+    assert all(b.find(n, count=False) == (None, True) for n in (0, 1))
+    first, _ = a.lookup(0, CB, 0, 512, 512)  # a first touch again: its sector only
     assert isinstance(first, Fetch) and (first.lo, first.hi) == (0, 512)
-    c.clear()
-    assert c.find(1, count=False) == (None, False)
+    a.clear()  # forgets export a's blocks, and only them
+    assert a.find(1, count=False) == (None, False)
+    assert b.find(1, count=False) == (None, True)
 
 
 def test_concurrent_writes_to_one_block_drop_it() -> None:
