@@ -82,6 +82,7 @@ class BlockStore(LRUCache[Key, Block]):
             del self[key]  # (accounted for below, whatever the eviction order)
         super().__setitem__(key, value)  # may evict others, through __delitem__
         self.used_by[key[0]] = self.used_by.get(key[0], 0) + len(value)
+        self.touched.pop(key, None)  # (cached now: no longer a block touched once)
 
     def __delitem__(self, key: Key) -> None:
         size = len(Cache.__getitem__(self, key))
@@ -154,13 +155,14 @@ class BlockCache:
         lookup for both)."""
         if self._lru is None:
             return None, False
-        entry = self._lru.get((self._owner, block))
+        key = (self._owner, block)
+        entry = self._lru.get(key)
         if count:
             if entry is None:
                 self.misses += 1
             else:
                 self.hits += 1
-        return entry, entry is None and (self._owner, block) in self.store.touched
+        return entry, entry is None and key in self.store.touched
 
     def hit(self, block: int) -> Block | None:
         """The cached block, counted as a hit; None, counted as nothing, if it is not (the
@@ -248,7 +250,6 @@ class BlockCache:
             else:
                 lo, data = 0, entry
                 self._lru[(self._owner, block)] = entry
-                self.store.touched.pop((self._owner, block), None)
             if len(self._sample) < SAMPLE_MAX:
                 self._sample[block] = (lo, len(data), zlib.crc32(data))
 
