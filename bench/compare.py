@@ -18,7 +18,7 @@ null as the raw NBD ceiling. In the loopback profiles (plain and TLS) also the t
 a pyfuse3 file system that does nothing (bench/pyfuse3_ceiling.py) and a minimal trio NBD
 client (bench/client_latency.py --minimal, over TLS in the TLS profile), and, in the cold
 random rows, nbdfs with --cache-size 0 (what the cache's first fill costs). In every
-profile, in the seq write and cold random rows, the two floors composed
+profile, in the sequential and cold random rows, the two floors composed
 (bench/pyfuse3_forward.py: the no-op file system forwarding each read and write to minimal
 NBD connections, TLS ones in the TLS profiles).
 
@@ -464,8 +464,9 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                 if ceiling_too:
                     order.append((NOOP, ceiling, (size,)))
                 # (the forwarder in every profile, over the link too: the floor of a
-                # daemon whose requests wait on it)
-                if args.ceiling and ("QD" in name or "seq write" in name):
+                # daemon whose requests wait on it; in the sequential rows it has no
+                # read-ahead of its own, only the kernel's, raised to 1 MiB as nbdfs's)
+                if args.ceiling and ("QD" in name or "seq " in name):
                     order.append((FORWARD, forward, (certificates,)))
                 if ceiling_too and "cold" in name and "rand" in name:  # the cache's first fill
                     order.append((NOCACHE, nbdfs, ([*extra, "--cache-size", "0"],)))
@@ -615,7 +616,7 @@ def seq_split_notes(res: Results) -> list[str]:
     a daemon doing no user-space work at all would reach with the CPUs as busy as they
     were (its system calls, the server and dd unchanged)."""
     lines = []
-    for tool in ("nbdfs", "nbdfuse"):
+    for tool in ("nbdfs", "nbdfuse", FORWARD):
         splits = res.seq_split.get(tool)
         if not splits:
             continue
