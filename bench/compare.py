@@ -639,6 +639,13 @@ def seq_split_notes(res: Results) -> list[str]:
                 f" user-space work at all to {bound:.0f} MB/s"
                 f" ({bound / statistics.median(fuse):.2f}x nbdfuse)."
             )
+        if tool == FORWARD and fuse:
+            # (the composed floor's whole cost per MiB, with every CPU busy all the time)
+            whole = (os.cpu_count() or 1) * MiB / (m["user"] + others)
+            line += (
+                f" That cost, with every CPU busy all the time, allows at most {whole:.0f}"
+                f" MB/s ({whole / statistics.median(fuse):.2f}x nbdfuse)."
+            )
         lines.append(line)
     return lines
 
