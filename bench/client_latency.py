@@ -17,6 +17,7 @@ network half of a cold read, which bench/compare.py reports beside the no-op pyf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import ssl
@@ -102,6 +103,12 @@ class MinimalClient:
             await self._send(REQUEST.pack(0x25609513, 0, 0, self.cookie, offset, size))
         await done.wait()
 
+    async def disconnect(self, stream: trio.abc.Stream) -> None:
+        """NBD_CMD_DISC, then close (over TLS, with its close_notify), as a client should."""
+        with contextlib.suppress(OSError, ssl.SSLError, trio.BrokenResourceError):
+            await self._send(REQUEST.pack(0x25609513, 0, 2, self.cookie + 1, 0, 0))
+        await stream.aclose()
+
 
 class MinimalWriter(MinimalClient):
     """The least a trio NBD client does for writes and flushes: ``os.writev`` of header
@@ -177,7 +184,7 @@ async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, f
                 workers.start_soon(worker)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         nursery.cancel_scope.cancel()
-    await trio.aclose_forcefully(stream)
+    await client.disconnect(stream)
     return elapsed, cpu
 
 

@@ -53,8 +53,8 @@ class Forward(Nothing):
 
 
 async def serve(mountpoint: str, uri: str) -> None:
-    _, client, size = await open_minimal(uri)
-    _, writer, _ = await open_minimal(uri, MinimalWriter)
+    reads, client, size = await open_minimal(uri)
+    writes, writer, _ = await open_minimal(uri, MinimalWriter)
     assert isinstance(writer, MinimalWriter)
     fs = Forward(size, client, writer)
     pyfuse3.init(fs, mountpoint, set(pyfuse3.default_options) | {"fsname=forward"})
@@ -63,6 +63,8 @@ async def serve(mountpoint: str, uri: str) -> None:
         nursery.start_soon(writer.reader)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+    await client.disconnect(reads)
+    await writer.disconnect(writes)
 
 
 def main() -> None:
