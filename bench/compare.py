@@ -601,7 +601,9 @@ def main() -> None:
         " on this machine.\n"
         f"- *{FORWARD}*: bench/pyfuse3_forward.py, the same file system forwarding each read"
         " to one minimal NBD connection and each write and fsync to another (no cache, no"
-        " checks): the most a pyfuse3 + trio NBD daemon reaches here.\n"
+        " checks, no read-ahead but the kernel's): the least a pyfuse3 + trio NBD daemon does,"
+        " so the most one reaches here per request (with read-ahead of its own, a daemon can"
+        " beat it on sequential reads over a link).\n"
         f"- *{NOCACHE}*: nbdfs with its block cache off, in the cold random rows: the cost of"
         " the cache's first fill, which every cold figure pays.\n"
     )
