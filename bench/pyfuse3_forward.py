@@ -31,6 +31,8 @@ from pyfuse3_ceiling import Nothing
 
 
 class Forward(Nothing):
+    mount_options: tuple[str, ...] = ()  # (more FUSE mount options)
+
     def __init__(self, size: int, client: MinimalClient, writer: MinimalWriter) -> None:
         super().__init__(size)
         self.client, self.writer = client, writer
@@ -52,12 +54,20 @@ class Forward(Nothing):
         await self.writer.flush()
 
 
-async def serve(mountpoint: str, uri: str) -> None:
-    reads, client, size = await open_minimal(uri)
+async def serve(
+    mountpoint: str,
+    uri: str,
+    fs_type: type[Forward] = Forward,
+    client_type: type[MinimalClient] = MinimalClient,
+) -> None:
+    """Mount ``fs_type`` on two minimal connections (reads on a ``client_type``) until
+    unmounted; then say goodbye on both."""
+    reads, client, size = await open_minimal(uri, client_type)
     writes, writer, _ = await open_minimal(uri, MinimalWriter)
     assert isinstance(writer, MinimalWriter)
-    fs = Forward(size, client, writer)
-    pyfuse3.init(fs, mountpoint, set(pyfuse3.default_options) | {"fsname=forward"})
+    fs = fs_type(size, client, writer)
+    options = set(pyfuse3.default_options) | {"fsname=forward"} | set(fs.mount_options)
+    pyfuse3.init(fs, mountpoint, options)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.reader)
         nursery.start_soon(writer.reader)
@@ -67,11 +77,13 @@ async def serve(mountpoint: str, uri: str) -> None:
     await writer.disconnect(writes)
 
 
-def main() -> None:
+def main(
+    fs_type: type[Forward] = Forward, client_type: type[MinimalClient] = MinimalClient
+) -> None:
     if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
+        raise SystemExit(sys.modules["__main__"].__doc__)
     try:
-        trio.run(serve, sys.argv[1], sys.argv[2])
+        trio.run(serve, sys.argv[1], sys.argv[2], fs_type, client_type)
     finally:
         pyfuse3.close()
 

@@ -26,15 +26,16 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/
-from client_latency import CHUNK, REQUEST, MinimalClient, MinimalWriter, open_minimal
-from pyfuse3_ceiling import Nothing
+from client_latency import CHUNK, MinimalClient, MinimalWriter
+from pyfuse3_forward import Forward, main
 
 MOVE = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 PIPE = int(os.environ.get("PIPE", 2 << 20))
 
 
 class SpliceClient(MinimalClient):
-    """The minimal client whose reader splices each read's payload into its pipe."""
+    """The minimal client whose reader splices each read's payload into the pipe its
+    :meth:`read` was given (a descriptor, where the minimal client takes a buffer)."""
 
     async def reader(self) -> None:
         header, offset = memoryview(bytearray(CHUNK.size)), memoryview(bytearray(8))
@@ -57,24 +58,17 @@ class SpliceClient(MinimalClient):
                 del self.waiting[cookie]
                 done.set()
 
-    async def read_to_pipe(self, offset: int, size: int, pipe: int) -> None:
-        self.cookie += 1
-        done = trio.Event()
-        self.waiting[self.cookie] = (done, pipe)  # type: ignore[assignment]
-        os.write(self.fd, REQUEST.pack(0x25609513, 0, 0, self.cookie, offset, size))
-        await done.wait()
 
-
-class ForwardSplice(Nothing):
+class ForwardSplice(Forward):
     splice_write = True
     max_read = int(os.environ.get("MAX_READ", 0))
+    mount_options = (f"max_read={max_read}",) if max_read else ()
 
-    def __init__(self, size: int, client: SpliceClient, writer: MinimalWriter) -> None:
-        super().__init__(size)
-        self.client, self.writer = client, writer
+    def __init__(self, size: int, client: MinimalClient, writer: MinimalWriter) -> None:
+        super().__init__(size, client, writer)
         self.pipes: list[tuple[int, int]] = []
 
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> object:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> object:  # type: ignore[override]
         size = max(0, min(size, self.size - off))
         if not size:
             return b""
@@ -83,46 +77,11 @@ class ForwardSplice(Nothing):
         else:
             r, w = os.pipe()
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE)
-        await self.client.read_to_pipe(off, size, w)
+        await self.client.read(off, size, w)  # type: ignore[arg-type]
         # (pyfuse3 replies, splicing the pipe empty, before any other task runs)
         self.pipes.append((r, w))
         return (r, size)
 
-    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        data = memoryview(buf)[: max(0, self.size - off)]
-        await self.writer.write(off, data)
-        return len(data)
-
-    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        await self.writer.flush()
-
-
-async def serve(mountpoint: str, uri: str) -> None:
-    reads, client, size = await open_minimal(uri, SpliceClient)
-    writes, writer, _ = await open_minimal(uri, MinimalWriter)
-    assert isinstance(client, SpliceClient) and isinstance(writer, MinimalWriter)
-    fs = ForwardSplice(size, client, writer)
-    options = set(pyfuse3.default_options) | {"fsname=forward"}
-    if fs.max_read:
-        options.add(f"max_read={fs.max_read}")
-    pyfuse3.init(fs, mountpoint, options)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.reader)
-        nursery.start_soon(writer.reader)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-    await client.disconnect(reads)
-    await writer.disconnect(writes)
-
-
-def main() -> None:
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    try:
-        trio.run(serve, sys.argv[1], sys.argv[2])
-    finally:
-        pyfuse3.close()
-
 
 if __name__ == "__main__":
-    main()
+    main(ForwardSplice, SpliceClient)
