@@ -12,7 +12,8 @@ and ``max_read`` at INIT), installed apart, e.g. ``pip install --no-deps --targe
 
 Plaintext only (over TLS the bytes must be decrypted in user space). Environment:
 ``PIPE`` the pipes' size (default 2 MiB: a 1 MiB FUSE read needs libfuse's own pipe
-above 1 MiB, i.e. fs.pipe-max-size raised), ``MAX_READ`` the mount's max_read.
+above 1 MiB, past fs.pipe-max-size: CAP_SYS_RESOURCE or the sysctl raised; README.md
+here), ``MAX_READ`` the mount's max_read.
 """
 
 from __future__ import annotations
