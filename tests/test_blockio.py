@@ -56,8 +56,8 @@ def test_reads_return_the_exports_bytes_however_they_meet_the_cache() -> None:
 
 
 def test_a_sequential_reader_is_served_by_read_ahead_outside_the_cache() -> None:
-    """A scan is read in few large requests ahead of the reader, and none of it goes into
-    the block cache: a scan of the whole export leaves the cache as it was."""
+    """A scan is read in requests of up to 1 MiB ahead of the reader, and none of it goes
+    into the block cache: a scan of the whole export leaves the cache as it was."""
 
     async def body(io: ExportIO) -> None:
         assert bytes(await io.read(3 * MiB + 5, 4096)) == pattern(3 * MiB + 5, 4096)
@@ -69,7 +69,8 @@ def test_a_sequential_reader_is_served_by_read_ahead_outside_the_cache() -> None
             assert bytes(await io.read(off, MiB)) == pattern(off, MiB)
         for off in range(reads * MiB, (reads + 1) * MiB, 4096):  # small reads, same scan
             assert bytes(await io.read(off, 4096)) == pattern(off, 4096)
-        assert io.pool.stats.requests - requests <= reads * 2 // 3  # (without: 279)
+        # (about one per MiB, some smaller while the window grows; through the cache: 279)
+        assert io.pool.stats.requests - requests <= reads * 3 // 2
         assert io.cache.used == cached
 
     with nbdkit("pattern", "64M") as srv:
