@@ -683,9 +683,11 @@ def report(profile: Profile, res: Results) -> str:
     lines.append("")
     seq = res.values.get(SEQ_READ, {}).get("nbdfs")
     if seq and raw:
+        forwarded = res.values.get(SEQ_READ, {}).get(FORWARD)
         lines.append(
             f"- Raw NBD ceiling (nbdcopy to null): {raw:.0f} MB/s; nbdfs sequential read is"
-            f" {statistics.median(seq) / raw:.0%} of it (target: at least 50%)."
+            f" {statistics.median(seq) / raw:.0%} of it (target: at least 50%)"
+            + (f"; the forwarder's {statistics.median(forwarded) / raw:.0%}." if forwarded else ".")
         )
     lines += seq_split_notes(res)
     qd16 = "4K rand read QD16 (cold)"
