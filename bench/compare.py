@@ -49,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 NBDFS = [sys.executable, "-m", "nbdfs"]
@@ -324,9 +324,14 @@ class CpuSplit:
         return cls(d[0] * per, d[1] * per, d[2] * per, d[3] * per, d[4] / d[5] if d[5] else 0)
 
 
-# name, unit, the measurement, and what readies a fresh mount for it first (not counted in
-# the row's CPU per request)
-Row = tuple[str, str, Callable[[Path], float], Callable[[Path], object] | None]
+class Row(NamedTuple):
+    name: str
+    unit: str
+    measure: Callable[[Path], float]
+    # what readies a fresh mount for the measurement (not counted in its CPU per request)
+    prepare: Callable[[Path], object] | None = None
+
+
 SEQ_READ = "seq read (dd 1M, cold)"
 
 
@@ -334,23 +339,21 @@ def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
     n = size // MiB
     wn = min(n, 256)
     return [
-        (
+        Row(
             SEQ_READ,
             "MB/s",
             lambda f: dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6,
-            None,
         ),
-        (
+        Row(
             "seq write + fsync (dd 1M)",
             "MB/s",
             lambda f: (
                 dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync") / 1e6
             ),
-            None,
         ),
-        ("4K rand read QD1 (cold)", "IOPS", lambda f: fio_iops(f, 1, runtime, f"{n}M"), None),
-        ("4K rand read QD16 (cold)", "IOPS", lambda f: fio_iops(f, 16, runtime, f"{n}M"), None),
-        (
+        Row("4K rand read QD1 (cold)", "IOPS", lambda f: fio_iops(f, 1, runtime, f"{n}M")),
+        Row("4K rand read QD16 (cold)", "IOPS", lambda f: fio_iops(f, 16, runtime, f"{n}M")),
+        Row(
             "4K warm re-read, 64M set",
             "IOPS",
             lambda f: fio_iops(f, 16, runtime, "64M"),
@@ -688,9 +691,10 @@ def report(profile: Profile, res: Results) -> str:
             )
         lines.append(line)
     lines.append("")
-    seq = res.values.get(SEQ_READ, {}).get("nbdfs")
+    seq_row = res.values.get(SEQ_READ, {})
+    seq = seq_row.get("nbdfs")
     if seq and raw:
-        forwarded = res.values.get(SEQ_READ, {}).get(FORWARD)
+        forwarded = seq_row.get(FORWARD)
         lines.append(
             f"- Raw NBD ceiling (nbdcopy to null): {raw:.0f} MB/s; nbdfs sequential read is"
             f" {statistics.median(seq) / raw:.0%} of it (target: at least 50%)"
