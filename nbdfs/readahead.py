@@ -98,7 +98,9 @@ class ReadAhead:
     def top_up(self, pos: int) -> list[Run]:
         """New runs that keep the reader, now at ``pos`` (aligned), served a window ahead:
         none while more than half the window from ``pos`` on is there or on its way, else
-        the rest of it at once. The window doubles with each call, up to ``limit``."""
+        the rest of it at once, in whole runs of ``request_max`` where it spans more than
+        one (a reader's uneven steps then make no short runs, each a request of its own).
+        The window doubles with each call, up to ``limit``."""
         self.window = min(max(self.window * 2, WINDOW_MIN), self.limit)
         covered = pos
         for run in self.runs:
@@ -108,7 +110,10 @@ class ReadAhead:
         top = min(pos + self.window, self.size)
         if covered - pos > self.window // 2 or top - covered < self.align:
             return []
-        top = covered + self.budget.room(self, top - covered)
+        want = top - covered
+        if want > self.step and top < self.size:
+            want -= want % self.step
+        top = covered + self.budget.room(self, want)
         new = self._fill(covered, top - top % self.align)
         self._held()
         return new

@@ -51,6 +51,20 @@ def test_top_up_keeps_a_window_ahead_that_doubles_and_refills_by_halves() -> Non
     assert ra.window == WINDOW_MIN
 
 
+def test_a_reader_in_uneven_steps_is_read_ahead_in_whole_runs() -> None:
+    """The kernel's reads of a scan are not all of one size: the window's refills still
+    come in runs of the largest request, not a short one each (a request of its own)."""
+    ra = ReadAhead(Budget(64 * M), 4 * M, 64 * M, M, 4 * K)
+    pos, made = 0, []
+    for step in [128 * K, 768 * K, 512 * K, 256 * K, M, 384 * K] * 8:
+        ra.cover(pos, pos + step)
+        pos += step
+        made += ra.top_up(pos)
+    steady = [r for r in made if r.start >= 4 * M]  # (the window has grown to its limit)
+    assert len(steady) > 10
+    assert {r.end - r.start for r in steady} == {M}
+
+
 def test_runs_stay_inside_the_export_and_within_reach() -> None:
     ra = ReadAhead(Budget(64 * M), M, 10 * M + 100, M, 4 * K)
     ra.cover(9 * M, 10 * M)
