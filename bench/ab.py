@@ -13,7 +13,8 @@ job on each, alternating which goes first: 4 KiB random read at queue depth 1 an
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB set at depth 16, dd
 sequential read (1 MiB) and sequential write + fsync. Prints, per row, the medians, the
 NEW/BASE ratio of the medians and the range of the per-round ratios (the noise), and the
-daemon's CPU time per request (from /proc) for each build.
+daemon's CPU time per request (from /proc) for each build (the warm row's cache fill
+before its figure not counted).
 
 ``--base-pyfuse3 DIR``: run BASE with the ``pyfuse3`` package in DIR instead of the venv's
 (e.g. the patch series without its newest patch, built with ``pip install --target DIR``):
@@ -32,6 +33,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (
@@ -68,35 +70,40 @@ def unpack(rev: str | None, into: Path) -> Path:
     return into
 
 
-Job = tuple[str, str, Callable[[Path], tuple[float, float]]]  # value, requests done
+class Job(NamedTuple):
+    name: str
+    unit: str
+    run: Callable[[Path], tuple[float, float]]  # the figure, and the requests it took
+    # what readies a fresh mount for the figure (outside its CPU per request)
+    prepare: Callable[[Path], object] | None = None
 
 
 def jobs(size: int, runtime: int, rnd: Path) -> list[Job]:
     n = size // MiB
     wn = min(n, 256)
 
-    def iops(depth: int) -> Callable[[Path], tuple[float, float]]:
+    def iops(depth: int, span: str) -> Callable[[Path], tuple[float, float]]:
         def run(f: Path) -> tuple[float, float]:
-            value = fio_iops(f, depth, runtime, f"{n}M")
+            value = fio_iops(f, depth, runtime, span)
             return value, value * runtime
 
         return run
 
-    def warm(f: Path) -> tuple[float, float]:
-        fill = fio_iops(f, 16, 2, "64M")  # (fills the cache: its figure is not the row's)
-        value = fio_iops(f, 16, runtime, "64M")
-        return value, value * runtime + fill * 2
-
     return [
-        ("4K rand read QD1 (cold)", "IOPS", iops(1)),
-        ("4K rand read QD16 (cold)", "IOPS", iops(16)),
-        ("4K warm re-read, 64M set", "IOPS", warm),
-        (
+        Job("4K rand read QD1 (cold)", "IOPS", iops(1, f"{n}M")),
+        Job("4K rand read QD16 (cold)", "IOPS", iops(16, f"{n}M")),
+        Job(
+            "4K warm re-read, 64M set",
+            "IOPS",
+            iops(16, "64M"),
+            prepare=lambda f: fio_iops(f, 16, 2, "64M"),  # (fills the cache)
+        ),
+        Job(
             "seq read (dd 1M, cold)",
             "MB/s",
             lambda f: (dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6, n),
         ),
-        (
+        Job(
             "seq write + fsync (dd 1M)",
             "MB/s",
             lambda f: (
@@ -148,7 +155,8 @@ def main() -> None:
         extra = ["--tls-certificates", str(pki)] if pki else []
         with server(size, work, delay_ms=args.delay, tls=pki) as uri:
             for r in range(args.rounds):
-                for name, unit, job in jobs(size, args.runtime, rnd):
+                for job in jobs(size, args.runtime, rnd):
+                    name, unit = job.name, job.unit
                     if args.only and args.only not in name:
                         continue
                     order = ["A", "B"] if r % 2 == 0 else ["B", "A"]
@@ -158,8 +166,10 @@ def main() -> None:
                         with nbdfs(uri, mnt, extra, trees[build]) as (path, pid):
                             if unit == "MB/s":  # (the rows through the page cache)
                                 back_free_memory(size)
+                            if job.prepare is not None:
+                                job.prepare(path)
                             cpu0, _ = proc_stats(pid)
-                            value, requests = job(path)
+                            value, requests = job.run(path)
                             cpu1, _ = proc_stats(pid)
                         values.setdefault(name, {}).setdefault(build, []).append(value)
                         cpu.setdefault(name, {}).setdefault(build, []).append(
