@@ -8,7 +8,8 @@ BASE and NEW are git revisions (NEW defaults to the work tree as it is, uncommit
 changes included). Each is unpacked into a directory of its own and run with this venv's
 Python and PYTHONPATH pointing at it. Every round mounts each build afresh (an empty
 cache), drops the page cache (and before a sequential row touches memory, so that the
-page cache it fills is backed by the host: compare.back_free_memory), and runs the same
+page cache it fills is backed by the host: compare.back_free_memory and
+compare.held_page_reporting), and runs the same
 job on each, alternating which goes first: 4 KiB random read at queue depth 1 and 16
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB set at depth 16, dd
 sequential read (1 MiB) and sequential write + fsync. Prints, per row, the medians, the
@@ -42,6 +43,7 @@ from compare import (
     dd_rate,
     drop_caches,
     fio_iops,
+    held_page_reporting,
     make_pki,
     nbdfs,
     parse_size,
@@ -138,7 +140,8 @@ def main() -> None:
     names = {"A": args.base, "B": args.new or "work tree"}
     values: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with held_page_reporting() as reporting, tempfile.TemporaryDirectory() as tmp:
+        print(reporting, flush=True)
         work = Path(tmp)
         trees = {"A": unpack(args.base, work / "A"), "B": unpack(args.new, work / "B")}
         if args.base_pyfuse3:  # (first on BASE's PYTHONPATH)

@@ -10,7 +10,8 @@ behind nbdkit's delay filter (every read and write answered 1 ms later); *tls* a
 libnbd takes root's from /etc/pki/libnbd, which the run fills and restores). Each round
 mounts the server with nbdfuse and with nbdfs (fresh mounts, page cache dropped before
 every cold figure, and before a sequential row memory touched so that the page cache it
-fills is backed by the host: back_free_memory), alternating who goes first, and
+fills is backed by the host: back_free_memory, with the guest's free page reporting held
+off meanwhile where it can be: held_page_reporting), alternating who goes first, and
 measures: sequential read (dd bs=1M), sequential write + fsync (dd conv=fsync), 4 KiB
 random read at queue depth 1 and 16
 (fio, O_DIRECT, whole export), a warm re-read of a 64 MiB working set, and nbdcopy to
@@ -83,9 +84,43 @@ def back_free_memory(size: int) -> None:
     to the next, whatever the tool or its settings: `perf` showed the FUSE reply's copy
     into the page cache at 74% of the daemon's CPU in a slow run, 13% in a fast one. The
     pages touched here are freed to the guest's allocator, which hands them out again
-    first. Elsewhere this costs a second or two and changes nothing.
+    first; :func:`held_page_reporting` keeps the guest from reporting them meanwhile.
+    Elsewhere this costs a second or two and changes nothing.
     """
     bytearray(size + 512 * MiB)  # (zeroed: every page touched; freed at once)
+
+
+PAGE_REPORTING_DELAY = Path("/sys/module/page_reporting/parameters/min_free_ms")
+
+
+@contextlib.contextmanager
+def held_page_reporting(ms: int = 120_000) -> Iterator[str]:
+    """For the run, have the guest report to the host only pages free for ``ms`` (where
+    its kernel has that setting; this one takes at most two minutes); yields a sentence
+    saying what was done.
+
+    The memory :func:`back_free_memory` touched and freed went back to the host about
+    two seconds later (at once past 1 GiB waiting), often while the figure it was for
+    still ran: the same sequential read, same build, then ran at ~1200 or ~2000 MB/s
+    round to round, the daemon's system time per MiB doubling in the slow rounds
+    (8 paired rounds, 1267-2034 MB/s; held off: 6 rounds, 1481-2120, forwarder 1836-2250).
+    """
+    if not PAGE_REPORTING_DELAY.exists():
+        yield "no free page reporting delay to set here"
+        return
+    before = PAGE_REPORTING_DELAY.read_text().strip()
+    try:
+        PAGE_REPORTING_DELAY.write_text(f"{ms}\n")
+    except OSError as e:
+        yield f"free page reporting left as it is (min_free_ms {ms}: {e.strerror})"
+        return
+    try:
+        yield (
+            f"free page reporting held off for pages free under {ms // 1000} s"
+            f" (min_free_ms {before} -> {ms}, restored after)"
+        )
+    finally:
+        PAGE_REPORTING_DELAY.write_text(f"{before}\n")
 
 
 def free_port() -> int:
@@ -577,7 +612,8 @@ def main() -> None:
     sections = []
     results: dict[str, Results] = {}
     ticks0 = cpu_ticks()
-    with tempfile.TemporaryDirectory() as tmp:
+    with held_page_reporting() as reporting, tempfile.TemporaryDirectory() as tmp:
+        print(reporting, flush=True)
         work = Path(tmp)
         for sub in MOUNT_DIRS.values():
             (work / sub).mkdir()
@@ -597,7 +633,7 @@ def main() -> None:
         f" `bench/compare.py --size {args.size} --rounds {args.rounds} --runtime"
         f" {args.runtime}`: medians of {args.rounds} rounds; every cold figure from a fresh"
         " mount with the page cache dropped, and the sequential rows' page cache in memory"
-        " the host backs (back_free_memory). The host took"
+        f" the host backs (back_free_memory; {reporting}). The host took"
         f" {steal / total:.1%} of the CPUs' time during the run (steal time): on a shared"
         " virtual machine, read every figure with its range.\n"
     )
