@@ -495,17 +495,16 @@ class ExportIO:
                 await self.pool.flush()
             ok = True
         finally:
+            # A block written whole is dropped (end_write drops each block without an
+            # update), not stored: copying it into the cache cost as much as the write
+            # itself, and the kernel's page cache already holds what a buffered writer
+            # reads back. Only the first and the last can be written in part: patched.
             updates: dict[int, Block | None] = {}
             if ok and self.cache.enabled:
-                for b in blocks:
+                for b in {blocks[0], blocks[-1]}:
                     b0, b1 = b * cb, min(b * cb + cb, self.size)
                     lo, hi = max(offset, b0), min(end, b1)
-                    if lo == b0 and hi == b1:
-                        # A whole block written is dropped, not stored: copying it into the
-                        # cache cost as much as the write itself, and the kernel's page
-                        # cache already holds what a buffered writer reads back.
-                        updates[b] = None
-                    else:
+                    if lo != b0 or hi != b1:
                         updates[b] = self.cache.patch(b, lo - b0, view[lo - offset : hi - offset])
             self.cache.end_write(started, updates, ok)
             self._forget(offset, end)  # (and what was asked or read ahead meanwhile)

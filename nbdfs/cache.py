@@ -275,8 +275,8 @@ class BlockCache:
     ) -> None:
         """Finish a write: store the new contents of the blocks it covered, or drop them.
 
-        ``updates`` maps a block to its new bytes (whole block written), or to None when the
-        block was written in part (patched by :meth:`patch` only if still cached).
+        ``updates`` maps a block written in part to its new bytes (:meth:`patch`; None: it
+        was not cached). Every other block is dropped, as is any a newer write started on.
         """
         for b, gen in started.items():
             latest = self._gen.get(b, 0) == gen
