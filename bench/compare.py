@@ -324,10 +324,10 @@ def proc_stats(pid: int) -> tuple[float, int]:
 
 @dataclasses.dataclass(frozen=True)
 class CpuSplit:
-    """Where the machine's CPU time went during a sequential read, in microseconds per MiB:
-    the daemon's own work (Python, libfuse) and its system calls (the socket's copy in, the
-    reply's copy into the page cache), the server's, and the reader's (dd: the page cache's
-    copy out); and how busy the CPUs were (a fraction)."""
+    """Where the machine's CPU time went during a sequential row, in microseconds per MiB:
+    the daemon's own work (Python, libfuse) and its system calls (reading: the socket's copy
+    in, the reply's copy into the page cache; writing: FUSE's copy of dd's data in, the
+    socket's copy out), the server's, and dd's; and how busy the CPUs were (a fraction)."""
 
     user: float
     kernel: float
@@ -368,6 +368,7 @@ class Row(NamedTuple):
 
 
 SEQ_READ = "seq read (dd 1M, cold)"
+SEQ_WRITE = "seq write + fsync (dd 1M)"
 
 
 def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
@@ -380,7 +381,7 @@ def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
             lambda f: dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6,
         ),
         Row(
-            "seq write + fsync (dd 1M)",
+            SEQ_WRITE,
             "MB/s",
             lambda f: (
                 dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync") / 1e6
@@ -429,8 +430,8 @@ class Results:
     cpu: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     rss: list[int] = dataclasses.field(default_factory=list)
     minimal_client: list[float] = dataclasses.field(default_factory=list)  # CPU us per read
-    # tool -> each round's CpuSplit of the sequential read
-    seq_split: dict[str, list[CpuSplit]] = dataclasses.field(default_factory=dict)
+    # sequential row -> tool -> each round's CpuSplit
+    seq_split: dict[str, dict[str, list[CpuSplit]]] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -523,18 +524,19 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                             back_free_memory(size)
                         if prepare is not None:
                             prepare(path)
-                        before = CpuSplit.sample(pid, server_pid) if name == SEQ_READ else None
+                        split = name in (SEQ_READ, SEQ_WRITE)
+                        before = CpuSplit.sample(pid, server_pid) if split else None
                         cpu0, _ = proc_stats(pid)
                         value = measure(path)
                         cpu1, hwm = proc_stats(pid)
+                        moved = size if "read" in name else min(size, 256 * MiB)
                         if before is not None:
                             after = CpuSplit.sample(pid, server_pid)
-                            res.seq_split.setdefault(tool, []).append(
-                                CpuSplit.between(before, after, size / MiB)
+                            res.seq_split.setdefault(name, {}).setdefault(tool, []).append(
+                                CpuSplit.between(before, after, moved / MiB)
                             )
                     res.values.setdefault(name, {}).setdefault(tool, []).append(value)
                     if unit == "MB/s":
-                        moved = size if "read" in name else min(size, 256 * MiB)
                         per = (cpu1 - cpu0) / (moved / MiB) * 1e6
                     else:
                         per = (cpu1 - cpu0) / (value * args.runtime) * 1e6
@@ -660,41 +662,52 @@ def main() -> None:
 
 
 def seq_split_notes(res: Results) -> list[str]:
-    """Where a sequential read's CPU time went, each tool's, and what that leaves: the rate
-    a daemon doing no user-space work at all would reach with the CPUs as busy as they
-    were (its system calls, the server and dd unchanged)."""
+    """Where a sequential row's CPU time went, each tool's, and what that leaves. Reading:
+    the rate a daemon doing no user-space work at all would reach with the CPUs as busy as
+    they were (its system calls, the server and dd unchanged). Writing, where dd's writes
+    reach the daemon one at a time: how long each MiB took, against that CPU time."""
     lines = []
-    for tool in ("nbdfs", "nbdfuse", FORWARD):
-        splits = res.seq_split.get(tool)
-        if not splits:
-            continue
-        m = {
-            f.name: statistics.median(getattr(s, f.name) for s in splits)
-            for f in dataclasses.fields(CpuSplit)
-        }
-        line = (
-            f"- Seq read, where the CPU time per MiB went with {tool}: the daemon's own work"
-            f" {m['user']:.0f} us, its system calls {m['kernel']:.0f} us (the socket's copy in,"
-            f" the reply's copy into the page cache), nbdkit {m['server']:.0f} us, dd"
-            f" {m['reader']:.0f} us; the {os.cpu_count()} CPUs {m['busy']:.0%} busy."
-        )
-        others = m["kernel"] + m["server"] + m["reader"]
-        fuse = res.values.get(SEQ_READ, {}).get("nbdfuse")
-        if tool == "nbdfs" and fuse and others:
-            bound = m["busy"] * (os.cpu_count() or 1) * MiB / others  # (MB/s: us per MiB)
-            line += (
-                f" The rest alone, at that use of the CPUs, would take a daemon with no"
-                f" user-space work at all to {bound:.0f} MB/s"
-                f" ({bound / statistics.median(fuse):.2f}x nbdfuse)."
+    for row, what, kernel in (
+        (SEQ_READ, "Seq read", "the socket's copy in, the reply's copy into the page cache"),
+        (SEQ_WRITE, "Seq write + fsync", "FUSE's copy of dd's data in, the socket's copy out"),
+    ):
+        fuse = res.values.get(row, {}).get("nbdfuse")
+        for tool in ("nbdfs", "nbdfuse", FORWARD):
+            splits = res.seq_split.get(row, {}).get(tool)
+            if not splits:
+                continue
+            m = {
+                f.name: statistics.median(getattr(s, f.name) for s in splits)
+                for f in dataclasses.fields(CpuSplit)
+            }
+            line = (
+                f"- {what}, where the CPU time per MiB went with {tool}: the daemon's own work"
+                f" {m['user']:.0f} us, its system calls {m['kernel']:.0f} us ({kernel}),"
+                f" nbdkit {m['server']:.0f} us, dd {m['reader']:.0f} us; the"
+                f" {os.cpu_count()} CPUs {m['busy']:.0%} busy."
             )
-        if tool == FORWARD and fuse:
-            # (the composed floor's whole cost per MiB, with every CPU busy all the time)
-            whole = (os.cpu_count() or 1) * MiB / (m["user"] + others)
-            line += (
-                f" That cost, with every CPU busy all the time, allows at most {whole:.0f}"
-                f" MB/s ({whole / statistics.median(fuse):.2f}x nbdfuse)."
-            )
-        lines.append(line)
+            others = m["kernel"] + m["server"] + m["reader"]
+            if row == SEQ_WRITE:
+                took = MiB / statistics.median(res.values[row][tool])  # (us: MB/s is B/us)
+                line += (
+                    f" Each MiB took {took:.0f} us; those four parts add up to"
+                    f" {m['user'] + others:.0f} us of CPU."
+                )
+            elif tool == "nbdfs" and fuse and others:
+                bound = m["busy"] * (os.cpu_count() or 1) * MiB / others  # (MB/s: us per MiB)
+                line += (
+                    f" The rest alone, at that use of the CPUs, would take a daemon with no"
+                    f" user-space work at all to {bound:.0f} MB/s"
+                    f" ({bound / statistics.median(fuse):.2f}x nbdfuse)."
+                )
+            elif tool == FORWARD and fuse:
+                # (the composed floor's whole cost per MiB, with every CPU busy all the time)
+                whole = (os.cpu_count() or 1) * MiB / (m["user"] + others)
+                line += (
+                    f" That cost, with every CPU busy all the time, allows at most {whole:.0f}"
+                    f" MB/s ({whole / statistics.median(fuse):.2f}x nbdfuse)."
+                )
+            lines.append(line)
     return lines
 
 
