@@ -365,6 +365,7 @@ class Row(NamedTuple):
     measure: Callable[[Path], float]
     # what readies a fresh mount for the measurement (not counted in its CPU per request)
     prepare: Callable[[Path], object] | None = None
+    moved: int = 0  # the bytes a sequential (MB/s) row reads or writes
 
 
 SEQ_READ = "seq read (dd 1M, cold)"
@@ -379,6 +380,7 @@ def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
             SEQ_READ,
             "MB/s",
             lambda f: dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6,
+            moved=n * MiB,
         ),
         Row(
             SEQ_WRITE,
@@ -386,6 +388,7 @@ def rows(size: int, runtime: int, rnd: Path) -> list[Row]:
             lambda f: (
                 dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync") / 1e6
             ),
+            moved=wn * MiB,
         ),
         Row("4K rand read QD1 (cold)", "IOPS", lambda f: fio_iops(f, 1, runtime, f"{n}M")),
         Row("4K rand read QD16 (cold)", "IOPS", lambda f: fio_iops(f, 16, runtime, f"{n}M")),
@@ -497,7 +500,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
             res.units[RAW] = "MB/s"
             if ceiling_too:
                 res.minimal_client.append(minimal_client_cpu(floor_uri(uri, certificates)))
-            for name, unit, measure, prepare in rows(size, args.runtime, rnd):
+            for name, unit, measure, prepare, moved in rows(size, args.runtime, rnd):
                 if args.only and args.only not in name:
                     continue
                 res.units[name] = unit
@@ -529,7 +532,6 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                         cpu0, _ = proc_stats(pid)
                         value = measure(path)
                         cpu1, hwm = proc_stats(pid)
-                        moved = size if "read" in name else min(size, 256 * MiB)
                         if before is not None:
                             after = CpuSplit.sample(pid, server_pid)
                             res.seq_split.setdefault(name, {}).setdefault(tool, []).append(
