@@ -702,12 +702,17 @@ def seq_split_notes(res: Results) -> list[str]:
                     f" user-space work at all to {bound:.0f} MB/s"
                     f" ({bound / statistics.median(fuse):.2f}x nbdfuse)."
                 )
-            elif tool == FORWARD and fuse:
-                # (the composed floor's whole cost per MiB, with every CPU busy all the time)
+            if row == SEQ_READ and tool in ("nbdfs", FORWARD) and fuse:
+                # The two ceilings of a single-threaded daemon's rate: its own thread's CPU
+                # per MiB, and the whole chain's over all the CPUs.
+                rate = statistics.median(res.values[row][tool])  # (MB/s: bytes per us)
                 whole = (os.cpu_count() or 1) * MiB / (m["user"] + others)
                 line += (
-                    f" That cost, with every CPU busy all the time, allows at most {whole:.0f}"
-                    f" MB/s ({whole / statistics.median(fuse):.2f}x nbdfuse)."
+                    f" Its thread was busy {(m['user'] + m['kernel']) * rate / MiB:.0%} of"
+                    f" the time, so alone it allows at most"
+                    f" {MiB / (m['user'] + m['kernel']):.0f} MB/s; the whole cost, with every"
+                    f" CPU busy all the time, at most {whole:.0f} MB/s"
+                    f" ({whole / statistics.median(fuse):.2f}x nbdfuse)."
                 )
             lines.append(line)
     return lines
