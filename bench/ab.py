@@ -50,6 +50,7 @@ from compare import (
     proc_stats,
     server,
     sh,
+    write_source,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +141,11 @@ def main() -> None:
     names = {"A": args.base, "B": args.new or "work tree"}
     values: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
-    with held_page_reporting() as reporting, tempfile.TemporaryDirectory() as tmp:
+    with (
+        held_page_reporting() as reporting,
+        tempfile.TemporaryDirectory() as tmp,
+        write_source(size) as rnd,
+    ):
         print(reporting, flush=True)
         work = Path(tmp)
         trees = {"A": unpack(args.base, work / "A"), "B": unpack(args.new, work / "B")}
@@ -149,11 +154,6 @@ def main() -> None:
             names["A"] += f" with {args.base_pyfuse3}"
         for m in ("ma", "mb"):
             (work / m).mkdir()
-        # The data dd writes, in memory: the page cache is dropped before every figure,
-        # and a source read back from disk made whichever build went first the slower.
-        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
-        rnd = shm / "write.img"
-        sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
         pki = make_pki(work) if args.tls else None
         extra = ["--tls-certificates", str(pki)] if pki else []
         with server(size, work, delay_ms=args.delay, tls=pki) as uri:
@@ -179,8 +179,6 @@ def main() -> None:
                             (cpu1 - cpu0) / max(requests, 1) * 1e6
                         )
                         print(f"round {r + 1}: {name:28} {build} {value:10.1f} {unit}", flush=True)
-        rnd.unlink()
-        shm.rmdir()
     print(f"\nA = {names['A']}, B = {names['B']}; {args.rounds} rounds, medians")
     print(f"{'row':28} {'A':>10} {'B':>10} {'B/A':>6}  {'per-round B/A':>14}  CPU us/req A, B")
     for name, per in values.items():

@@ -190,6 +190,21 @@ def server(
         proc.wait()
 
 
+@contextlib.contextmanager
+def write_source(size: int) -> Iterator[Path]:
+    """The random bytes the sequential write row's dd copies (up to 256 MiB of ``size``), in
+    memory (/dev/shm): the page cache is dropped before every figure, and a source on
+    disk put a disk read of each MiB into the row, for every tool (and made whichever went
+    first the slower)."""
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    rnd = shm / "write.img"
+    try:
+        sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
+        yield rnd
+    finally:
+        shutil.rmtree(shm)
+
+
 def make_pki(work: Path) -> Path:
     """Certificates for a TLS run (``nbdfs tls-init``), for the server at 127.0.0.1."""
     pki = work / "pki"
@@ -616,13 +631,15 @@ def main() -> None:
     sections = []
     results: dict[str, Results] = {}
     ticks0 = cpu_ticks()
-    with held_page_reporting() as reporting, tempfile.TemporaryDirectory() as tmp:
+    with (
+        held_page_reporting() as reporting,
+        tempfile.TemporaryDirectory() as tmp,
+        write_source(size) as rnd,
+    ):
         print(reporting, flush=True)
         work = Path(tmp)
         for sub in MOUNT_DIRS.values():
             (work / sub).mkdir()
-        rnd = work / "write.img"
-        sh("dd", "if=/dev/urandom", f"of={rnd}", "bs=1M", f"count={min(size // MiB, 256)}")
         for profile in profiles:
             results[profile.name] = res = run_profile(profile, args, work, rnd)
             sections.append(report(profile, res))
