@@ -25,8 +25,9 @@ NBD connections, TLS ones in the TLS profiles).
 
 Prints one table per profile: medians, the nbdfs/nbdfuse ratio and its range over the
 rounds, the issue's target for the row, the daemons' CPU per request or MiB, the floors,
-where a sequential read's CPU time went (the daemon's own work and system calls, nbdkit,
-dd; the CPUs' use), nbdfs's peak RSS and CPU seconds per GiB. A full run (all four
+where a sequential row's CPU time went (the daemon's own work and system calls, nbdkit,
+dd; the CPUs' use; for reads, the rate the daemon's one thread and the whole chain's CPU
+each allow), nbdfs's peak RSS and CPU seconds per GiB. A full run (all four
 profiles, no --only) writes docs/bench.md and docs/bench.png (matplotlib, installed on
 demand).
 
