@@ -543,8 +543,7 @@ def run_profile(profile: Profile, args: argparse.Namespace, work: Path, rnd: Pat
                             back_free_memory(size)
                         if prepare is not None:
                             prepare(path)
-                        split = name in (SEQ_READ, SEQ_WRITE)
-                        before = CpuSplit.sample(pid, server_pid) if split else None
+                        before = CpuSplit.sample(pid, server_pid) if moved else None
                         cpu0, _ = proc_stats(pid)
                         value = measure(path)
                         cpu1, hwm = proc_stats(pid)
@@ -707,10 +706,11 @@ def seq_split_notes(res: Results) -> list[str]:
                 f" {os.cpu_count()} CPUs {m['busy']:.0%} busy."
             )
             others = m["kernel"] + m["server"] + m["reader"]
+            daemon = m["user"] + m["kernel"]  # (its one thread's, per MiB)
+            rate = statistics.median(res.values[row][tool])  # (MB/s: bytes per us)
             if row == SEQ_WRITE:
-                took = MiB / statistics.median(res.values[row][tool])  # (us: MB/s is B/us)
                 line += (
-                    f" Each MiB took {took:.0f} us; those four parts add up to"
+                    f" Each MiB took {MiB / rate:.0f} us; those four parts add up to"
                     f" {m['user'] + others:.0f} us of CPU."
                 )
             elif tool == "nbdfs" and fuse and others:
@@ -723,12 +723,10 @@ def seq_split_notes(res: Results) -> list[str]:
             if row == SEQ_READ and tool in ("nbdfs", FORWARD) and fuse:
                 # The two ceilings of a single-threaded daemon's rate: its own thread's CPU
                 # per MiB, and the whole chain's over all the CPUs.
-                rate = statistics.median(res.values[row][tool])  # (MB/s: bytes per us)
                 whole = (os.cpu_count() or 1) * MiB / (m["user"] + others)
                 line += (
-                    f" Its thread was busy {(m['user'] + m['kernel']) * rate / MiB:.0%} of"
-                    f" the time, so alone it allows at most"
-                    f" {MiB / (m['user'] + m['kernel']):.0f} MB/s; the whole cost, with every"
+                    f" Its thread was busy {daemon * rate / MiB:.0%} of the time, so alone it"
+                    f" allows at most {MiB / daemon:.0f} MB/s; the whole cost, with every"
                     f" CPU busy all the time, at most {whole:.0f} MB/s"
                     f" ({whole / statistics.median(fuse):.2f}x nbdfuse)."
                 )
