@@ -26,6 +26,7 @@ from .errors import TlsError
 from .tls import describe_ssl_error
 
 _RECEIVE_SIZE = 1 << 16
+_RECORD_SIZE = 1 << 14  # (TLS's largest record's plaintext)
 
 
 class TlsSocketStream(trio.abc.Stream):
@@ -91,11 +92,27 @@ class TlsSocketStream(trio.abc.Stream):
     # -- trio.abc.Stream, for the handshake and the polite disconnect ----------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``. OpenSSL writes a TLS record (16 KiB at most) per system
+        call; a payload of several leaves corked (``TCP_CORK``), in full TCP segments, and
+        the uncork sends what is left at once: fewer segments for the server to wake up
+        for."""
         await trio.lowlevel.checkpoint_if_cancelled()
         view = memoryview(data)
-        while view:
-            n = await self.send_some(view)
-            view = view[n:]
+        corked = len(view) > _RECORD_SIZE and self._cork(True)
+        try:
+            while view:
+                n = await self.send_some(view)
+                view = view[n:]
+        finally:
+            if corked:
+                self._cork(False)
+
+    def _cork(self, on: bool) -> bool:
+        try:
+            self.ssl.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
+        except OSError:  # (closed meanwhile: the send reports it)
+            return False
+        return True
 
     async def send_some(self, view: memoryview) -> int:
         """Send some of ``view`` (at least one byte), waiting only when the socket is full."""

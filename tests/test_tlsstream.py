@@ -51,10 +51,16 @@ def server_context(certs: Path) -> ssl.SSLContext:
 
 @asynccontextmanager
 async def pair(
-    certs: Path, client_certs: Path | None = None
+    certs: Path, client_certs: Path | None = None, tcp: bool = False
 ) -> AsyncIterator[tuple[TlsSocketStream, trio.SSLStream[trio.SocketStream]]]:
-    """A connected client (ours) and server (trio's SSLStream), handshakes done."""
-    a, b = socket.socketpair()
+    """A connected client (ours) and server (trio's SSLStream), handshakes done; over
+    loopback TCP if ``tcp``, else a Unix socket pair."""
+    if tcp:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            a = socket.create_connection(listener.getsockname())
+            b = listener.accept()[0]
+    else:
+        a, b = socket.socketpair()
     client_side = trio.SocketStream(trio.socket.from_stdlib_socket(a))
     server = trio.SSLStream(
         trio.SocketStream(trio.socket.from_stdlib_socket(b)),
@@ -111,6 +117,20 @@ async def test_send_all_and_a_clean_close(certs: Path) -> None:
         assert got == payload
         await server.aclose()  # close_notify: the end of the stream, not an error
         assert await client.receive_into(bytearray(10)) == 0
+
+
+@in_trio
+async def test_a_payload_of_many_records_is_uncorked_once_sent(certs: Path) -> None:
+    async with pair(certs, tcp=True) as (client, server):
+        payload = bytes(range(256)) * 400 + b"tail"  # six records, the last a short one
+        await client.send_all(payload)
+        # Left corked, the short tail would wait up to 200 ms for more to join it.
+        assert not client.ssl.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+        got = bytearray()
+        with trio.fail_after(5):
+            while len(got) < len(payload):
+                got += await server.receive_some()
+        assert got == payload
 
 
 @in_trio
