@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import random
+import socket
 import ssl
 import struct
 import time
@@ -126,9 +127,12 @@ class MinimalWriter(MinimalClient):
         done = trio.Event()
         self.waiting[self.cookie] = (done, memoryview(b""))
         out = [REQUEST.pack(0x25609513, 0, cmd, self.cookie, offset, len(data)), data]
-        if self.tls is not None:  # (OpenSSL takes one buffer at a time)
+        if self.tls is not None:
+            # OpenSSL takes one buffer at a time; its records go corked, as nbdfs's do.
+            self.tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
             for part in out:
                 await self._send(part)
+            self.tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
             out = []
         while out:
             try:
