@@ -110,7 +110,7 @@ class TlsSocketStream(trio.abc.Stream):
     def _cork(self, on: bool) -> bool:
         try:
             self.ssl.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
-        except OSError:  # (closed meanwhile: the send reports it)
+        except OSError:  # (not TCP, or closed meanwhile: the send reports that)
             return False
         return True
 

@@ -122,14 +122,19 @@ async def test_send_all_and_a_clean_close(certs: Path) -> None:
 @in_trio
 async def test_a_payload_of_many_records_is_uncorked_once_sent(certs: Path) -> None:
     async with pair(certs, tcp=True) as (client, server):
-        payload = bytes(range(256)) * 400 + b"tail"  # six records, the last a short one
-        await client.send_all(payload)
-        # Left corked, the short tail would wait up to 200 ms for more to join it.
-        assert not client.ssl.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+        payload = bytes(range(256)) * 400 + b"tail"  # seven records, the last a short one
         got = bytearray()
-        with trio.fail_after(5):
+
+        async def receive() -> None:
             while len(got) < len(payload):
-                got += await server.receive_some()
+                got.extend(await server.receive_some())
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                await client.send_all(payload)
+                # Left corked, the short tail would wait up to 200 ms for more to join it.
+                assert not client.ssl.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
         assert got == payload
 
 
