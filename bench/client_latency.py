@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import random
-import socket
 import ssl
 import struct
 import time
@@ -128,11 +127,9 @@ class MinimalWriter(MinimalClient):
         self.waiting[self.cookie] = (done, memoryview(b""))
         out = [REQUEST.pack(0x25609513, 0, cmd, self.cookie, offset, len(data)), data]
         if self.tls is not None:
-            # OpenSSL takes one buffer at a time; its records go corked, as nbdfs's do.
-            self.tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            # One buffer at a time, through nbdfs's send (a payload of records goes corked).
             for part in out:
-                await self._send(part)
-            self.tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                await self.stream.send_all(part)
             out = []
         while out:
             try:
