@@ -62,6 +62,27 @@ def sh(*cmd: str, **kw: object) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout  # type: ignore[call-overload, no-any-return]
 
 
+def machine() -> str:
+    """The CPUs, and how fast one encrypts with TLS's cipher (OpenSSL's AES-256-GCM on 16 KiB
+    records): machines of the same kind here differ, and the TLS rows most of all."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    speed = subprocess.run(
+        ["openssl", "speed", "-mr", "-evp", "aes-256-gcm", "-bytes", "16384", "-seconds", "1"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    rates = [line.split(":")[3] for line in speed.splitlines() if line.startswith("+F:")]
+    aes = f", AES-256-GCM {float(rates[0]) / 1e9:.2f} GB/s" if rates else ""
+    return f"{os.cpu_count()} CPUs ({model}{aes} per `openssl speed`)"
+
+
 def cpu_ticks() -> tuple[int, int]:
     """The machine's CPU time so far, in ticks: all of it, and what the host took (steal)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -630,6 +651,8 @@ def main() -> None:
     size = parse_size(args.size)
     sections = []
     results: dict[str, Results] = {}
+    host = machine()  # (before the run: on quiet CPUs)
+    print(host, flush=True)
     ticks0 = cpu_ticks()
     with (
         held_page_reporting() as reporting,
@@ -650,7 +673,7 @@ def main() -> None:
     if partial:
         return
     head = (
-        f"# nbdfs vs nbdfuse\n\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs,"
+        f"# nbdfs vs nbdfuse\n\n{time.strftime('%Y-%m-%d')}, {host},"
         f" `bench/compare.py --size {args.size} --rounds {args.rounds} --runtime"
         f" {args.runtime}`: medians of {args.rounds} rounds; every cold figure from a fresh"
         " mount with the page cache dropped, and the sequential rows' page cache in memory"
