@@ -32,22 +32,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (
     MiB,
     back_free_memory,
-    dd_rate,
     drop_caches,
-    fio_iops,
     held_page_reporting,
     make_pki,
     nbdfs,
     parse_size,
     proc_stats,
+    rows,
     server,
     sh,
     write_source,
@@ -71,50 +68,6 @@ def unpack(rev: str | None, into: Path) -> Path:
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
-
-
-class Job(NamedTuple):
-    name: str
-    unit: str
-    run: Callable[[Path], tuple[float, float]]  # the figure, and the requests it took
-    # what readies a fresh mount for the figure (outside its CPU per request)
-    prepare: Callable[[Path], object] | None = None
-
-
-def jobs(size: int, runtime: int, rnd: Path) -> list[Job]:
-    n = size // MiB
-    wn = min(n, 256)
-
-    def iops(depth: int, span: str) -> Callable[[Path], tuple[float, float]]:
-        def run(f: Path) -> tuple[float, float]:
-            value = fio_iops(f, depth, runtime, span)
-            return value, value * runtime
-
-        return run
-
-    return [
-        Job("4K rand read QD1 (cold)", "IOPS", iops(1, f"{n}M")),
-        Job("4K rand read QD16 (cold)", "IOPS", iops(16, f"{n}M")),
-        Job(
-            "4K warm re-read, 64M set",
-            "IOPS",
-            iops(16, "64M"),
-            prepare=lambda f: fio_iops(f, 16, 2, "64M"),  # (fills the cache)
-        ),
-        Job(
-            "seq read (dd 1M, cold)",
-            "MB/s",
-            lambda f: (dd_rate(f"if={f}", "of=/dev/null", "bs=1M", f"count={n}") / 1e6, n),
-        ),
-        Job(
-            "seq write + fsync (dd 1M)",
-            "MB/s",
-            lambda f: (
-                dd_rate(f"if={rnd}", f"of={f}", "bs=1M", f"count={wn}", "conv=notrunc,fsync") / 1e6,
-                wn,
-            ),
-        ),
-    ]
 
 
 def main() -> None:
@@ -158,8 +111,7 @@ def main() -> None:
         extra = ["--tls-certificates", str(pki)] if pki else []
         with server(size, work, delay_ms=args.delay, tls=pki) as uri:
             for r in range(args.rounds):
-                for job in jobs(size, args.runtime, rnd):
-                    name, unit = job.name, job.unit
+                for name, unit, measure, prepare, moved in rows(size, args.runtime, rnd):
                     if args.only and args.only not in name:
                         continue
                     order = ["A", "B"] if r % 2 == 0 else ["B", "A"]
@@ -169,11 +121,13 @@ def main() -> None:
                         with nbdfs(uri, mnt, extra, trees[build]) as (path, pid):
                             if unit == "MB/s":  # (the rows through the page cache)
                                 back_free_memory(size)
-                            if job.prepare is not None:
-                                job.prepare(path)
+                            if prepare is not None:
+                                prepare(path)
                             cpu0, _ = proc_stats(pid)
-                            value, requests = job.run(path)
+                            value = measure(path)
                             cpu1, _ = proc_stats(pid)
+                        # (per MiB moved, or per fio request)
+                        requests = moved / MiB if moved else value * args.runtime
                         values.setdefault(name, {}).setdefault(build, []).append(value)
                         cpu.setdefault(name, {}).setdefault(build, []).append(
                             (cpu1 - cpu0) / max(requests, 1) * 1e6
