@@ -232,8 +232,14 @@ class ExportIO:
                 self._ahead.restart()
             if first == last:
                 # The usual read, inside one block: what the rest of this method does for
-                # it, without its lists and loops.
+                # it, without its lists and loops. A cached block first, even for a read
+                # that continues the last one: cached bytes never go to the server again
+                # (a random reader's next block often follows its last, as fio's random
+                # map picks).
                 lo, hi = offset - first * cb, end - first * cb
+                hit = self.cache.hit(first)
+                if hit is not None:
+                    return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
                 if not sequential:
                     item, started = self.cache.lookup(
                         first, self._length(first), lo, hi, self._sector
@@ -242,12 +248,6 @@ class ExportIO:
                         assert isinstance(item, Fetch)
                         await self._fetch_run([(first, item)])  # (in this task)
                     return _part(*_bytes_of(await self._settle(first, item, lo, hi)), lo, hi)
-                # One that continues the last read, if cached: cached bytes never go to the
-                # server again (a random reader's next block often follows its last, as
-                # fio's random map picks).
-                hit = self.cache.hit(first)
-                if hit is not None:
-                    return _part(*_bytes_of(self.cache.own(first, hit)), lo, hi)
             if sequential:
                 return await self._read_ahead(offset, end)
         # Only the sectors asked for, in a block touched the first time.
