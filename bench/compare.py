@@ -63,8 +63,8 @@ def sh(*cmd: str, **kw: object) -> str:
 
 
 def machine() -> str:
-    """The CPUs, and how fast one of them encrypts with TLS's cipher (OpenSSL's AES-256-GCM on 16 KiB
-    records): machines of the same kind here differ, and the TLS rows most of all."""
+    """The CPUs, and how fast one of them encrypts with TLS's cipher (OpenSSL's AES-256-GCM
+    on 16 KiB records): machines of the same kind here differ, the TLS rows most of all."""
     model = next(
         (
             line.split(":", 1)[1].strip()
