@@ -56,6 +56,10 @@ def client_context(certificates: str | None, verify_peer: bool) -> ssl.SSLContex
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A hang-up without close_notify is a broken stream, never a clean end (a truncation
+    # must not pass for one). Some Pythons set this option by default (Debian's 3.11.2
+    # does, pyenv's 3.11.7 does not); it turns OpenSSL's unexpected EOF into a quiet end.
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     try:
         if certificates is not None:
             if not os.path.isdir(certificates):
