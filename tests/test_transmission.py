@@ -179,6 +179,20 @@ BAD: list[tuple[str, Callable[[int], bytes], str]] = [
         ),
         "overlapping",
     ),
+    # A chunk shaped like the usual whole reply (Transmission._whole_read), but not one:
+    (
+        "whole, at the wrong offset",
+        lambda c: chunk(c, ReplyType.OFFSET_DATA, wire.U64.pack(4100) + bytes(8), done=True),
+        "outside",
+    ),
+    (
+        "whole, after a hole",
+        lambda c: (
+            chunk(c, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.pack(4096, 2))
+            + chunk(c, ReplyType.OFFSET_DATA, wire.U64.pack(4096) + bytes(8), done=True)
+        ),
+        "overlapping",
+    ),
     (
         "short",
         lambda c: chunk(c, ReplyType.OFFSET_DATA, wire.U64.pack(4096) + bytes(4), done=True),
