@@ -22,7 +22,6 @@ server did not offer, never cross the export's end, and honour its block sizes.
 from __future__ import annotations
 
 import bisect
-import struct
 from dataclasses import dataclass, field
 
 from . import wire
@@ -56,8 +55,6 @@ _FLAG_COMMANDS = {
 _MAX_ERROR_CHUNK = wire.ERROR_HEAD.size + wire.MAX_STRING + 64
 # A hostile server could describe a read in one-byte chunks; this bounds the bookkeeping.
 _MAX_CHUNKS_SLACK = 1024
-# The usual reply's header and the offset that begins its data (see Transmission._whole_read).
-_DATA_CHUNK_HEAD = struct.Struct(">IHHQIQ")
 # Enum members as module names: a class attribute of an Enum costs ~0.15 us to look up, and
 # the reply path looks up several per request.
 _READ, _WRITE, _BLOCK_STATUS = Cmd.READ, Cmd.WRITE, Cmd.BLOCK_STATUS
@@ -327,9 +324,11 @@ class Transmission:
         length, range, overlap, coverage) holds by the test here. False for anything else,
         which :meth:`_parse_header` parses and checks."""
         buf, pos = self._buf, self._pos
-        if len(buf) - pos < _DATA_CHUNK_HEAD.size or not self.structured:
+        if len(buf) - pos < wire.STRUCTURED_REPLY_OFFSET.size or not self.structured:
             return False
-        magic, flags, rtype, cookie, length, offset = _DATA_CHUNK_HEAD.unpack_from(buf, pos)
+        magic, flags, rtype, cookie, length, offset = wire.STRUCTURED_REPLY_OFFSET.unpack_from(
+            buf, pos
+        )
         p = self._pending.get(cookie)
         if (
             p is None
@@ -342,15 +341,10 @@ class Transmission:
             or length != p.length + 8
         ):
             return False
-        pos += _DATA_CHUNK_HEAD.size
+        self._pos = pos + wire.STRUCTURED_REPLY_OFFSET.size
         p.structured = True
         p.covered = p.length
-        dest = memoryview(p.buffer())
-        take = min(len(buf) - pos, p.length)
-        with memoryview(buf) as view:
-            dest[:take] = view[pos : pos + take]
-        self._pos = pos + take
-        self._sink = _Sink(cookie, True, dest, take)
+        self._sink_into(cookie, True, memoryview(p.buffer()))
         return True
 
     def _start_sink(self, kind: int, flags: int, cookie: int, length: int) -> bool:
@@ -372,12 +366,16 @@ class Transmission:
             dest = memoryview(pending.buffer())[start : start + size]
             done = bool(flags & wire.REPLY_FLAG_DONE)
         self._head = None
+        self._sink_into(cookie, done, dest)
+        return True
+
+    def _sink_into(self, cookie: int, done: bool, dest: memoryview) -> None:
+        """Copy what is here of a read payload to ``dest``; the rest follows it there."""
         take = min(self.pending_bytes(), len(dest))
         with memoryview(self._buf) as buf:
             dest[:take] = buf[self._pos : self._pos + take]
         self._pos += take
         self._sink = _Sink(cookie, done, dest, take)
-        return True
 
     def _parse_header(self) -> bool:
         avail = self.pending_bytes()

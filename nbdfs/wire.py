@@ -36,6 +36,7 @@ INFO_BLOCK_SIZE = struct.Struct(">HIII")  # info type, minimum, preferred, maxim
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+STRUCTURED_REPLY_OFFSET = struct.Struct(">IHHQIQ")  # the same, and an OFFSET_DATA chunk's offset
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
