@@ -21,7 +21,10 @@ TinyLFU's doorkeeper admit only what comes back): a read at random that touches 
 first time fetches only the sectors it needs (a :class:`Piece`, for its readers alone), and
 the block number is remembered; a touch of a remembered block fetches it whole, and caches
 it. A block read once costs its sectors on the wire and no memory; a working set read
-twice is cached in whole blocks.
+twice is cached in whole blocks. Once the sample of fetched bytes (what recognises the
+disk after a reconnect) is full, the reader of such a piece reads it by itself, with no
+:class:`Fetch` for others to join (:meth:`BlockCache.first_touch`): a piece is never kept,
+and a reader at random seldom has company for it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ class Piece:
 
 
 Entry = Block | Piece  # what a fetch brings
+
+
+def sectors(lo: int, hi: int, sector: int, length: int) -> tuple[int, int]:
+    """The ``sector``-aligned part of a block ``length`` bytes long that holds bytes ``lo``
+    to ``hi``: what a read of a block touched the first time fetches."""
+    return lo - lo % sector, min(hi + (-hi % sector), length)
+
+
 SAMPLE_MAX = 32  # fetched blocks remembered by checksum, to recognise the disk on reconnect
 Key = tuple[int, int]  # (export's number in the store, block number)
 
@@ -193,10 +204,24 @@ class BlockCache:
         fetch = self.fetching(block)
         if fetch is not None:
             return fetch, False
-        f_lo, f_hi = 0, length
-        if not touched:
-            f_lo, f_hi = lo - lo % sector, min(hi + (-hi % sector), length)
+        f_lo, f_hi = sectors(lo, hi, sector, length) if not touched else (0, length)
         return self.start_fetch(block, f_lo, f_hi), True
+
+    def first_touch(self, block: int) -> bool:
+        """Whether a reader of ``block``, which :meth:`hit` found not cached, may read the
+        sectors it needs by itself, without a :class:`Fetch` that others could join: the
+        block was not touched before and no fetch of it is in flight, so what it brings
+        would only be a piece (never cached), and the sample is full (nothing of it would
+        be kept). If so the block is now touched (its next reader fetches it whole) and a
+        miss is counted."""
+        if len(self._sample) < SAMPLE_MAX or block in self._fetches:
+            return False
+        key = (self._owner, block)
+        if key in self.store.touched:
+            return False
+        self.store.touch(key, self.block_size)
+        self.misses += 1
+        return True
 
     def own(self, block: int, entry: Entry) -> Entry:
         """Replace a cached view of a larger buffer by a copy of its bytes; return it."""

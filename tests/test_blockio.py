@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from nbdfs.blockio import ExportIO
-from nbdfs.cache import BlockStore
+from nbdfs.cache import SAMPLE_MAX, BlockStore
 from nbdfs.errors import CommandError
 from nbdfs.pool import ExportPool
 from nbdfs.target import parse_target
@@ -160,25 +160,45 @@ def test_a_block_of_a_larger_read_then_read_alone_gets_a_copy_of_its_own() -> No
         trio.run(_with_io, srv.address, 8 * MiB, body)
 
 
-def test_a_random_read_fetches_what_it_asks_and_a_second_touch_caches_the_whole_block() -> None:
+async def _fill_sample(io: ExportIO) -> None:
+    """Read enough blocks at random (past 12 MiB) that the cache's sample of what it
+    fetched is full: from then on a block's first reader reads its sectors by itself
+    (BlockCache.first_touch) instead of through a fetch that others may join."""
+    cb = io.cache.block_size
+    for i in range(SAMPLE_MAX):
+        off = 12 * MiB + (SAMPLE_MAX - i) * 2 * cb  # (backwards: never sequential)
+        assert bytes(await io.read(off, 100)) == pattern(off, 100)
+    assert len(io.cache.sample()) == SAMPLE_MAX
+
+
+@pytest.mark.parametrize("sample_full", [False, True])
+def test_a_random_read_fetches_what_it_asks_and_a_second_touch_caches_the_whole_block(
+    sample_full: bool,
+) -> None:
     """A 4 KiB read at random must not cost a whole cache block on the wire (on a 1 Gbit/s
     link, 32 KiB per 4 KiB read caps random reads near 4000 a second by bandwidth alone),
     nor memory the daemon touches for the first time; a block touched twice is worth
-    having whole."""
+    having whole. The same whether the first touch is a fetch (while the sample fills) or
+    the reader's own read."""
 
     async def body(io: ExportIO) -> None:
+        await io.read(0, 1)  # learn the block size
+        if sample_full:
+            await _fill_sample(io)
+        baseline, used = io.bytes_read, io.cache.used
+
         def fetched() -> int:
-            return io.bytes_read
+            return io.bytes_read - baseline
 
         base = 5 * MiB
         assert bytes(await io.read(base + 8192 + 100, 300)) == pattern(base + 8192 + 100, 300)
         assert fetched() == 4096  # the sector holding it, not the 32 KiB block
-        assert io.cache.used == 0  # (and not kept: read once, it may never be read again)
+        assert io.cache.used == used  # (and not kept: read once, it may never be read again)
         cb = io.cache.block_size
         assert cb > 4096
         assert bytes(await io.read(base + 8192, 4096)) == pattern(base + 8192, 4096)
         assert fetched() == 4096 + cb  # a block touched before: all of it, kept
-        assert io.cache.used == cb
+        assert io.cache.used == used + cb
         assert bytes(await io.read(base + cb - 4096, 4096)) == pattern(base + cb - 4096, 4096)
         assert bytes(await io.read(base, cb)) == pattern(base, cb)
         assert fetched() == 4096 + cb
@@ -193,12 +213,16 @@ def test_a_random_read_fetches_what_it_asks_and_a_second_touch_caches_the_whole_
         trio.run(_with_io, srv.address, 4 * MiB, body)
 
 
-def test_readers_of_one_block_at_once_each_get_their_bytes() -> None:
+@pytest.mark.parametrize("sample_full", [False, True])
+def test_readers_of_one_block_at_once_each_get_their_bytes(sample_full: bool) -> None:
     """Reads of different parts of one untouched block, all at once: the first fetches its
-    part, the others wait for it and then fetch what it did not cover."""
+    part (a fetch the others wait for, or, once the sample is full, its own read: then
+    the others fetch the block whole), the others then what it did not cover."""
 
     async def body(io: ExportIO) -> None:
         await io.read(0, 1)  # learn the block size
+        if sample_full:
+            await _fill_sample(io)
         cb = io.cache.block_size
         got: dict[int, bytes] = {}
 

@@ -61,6 +61,25 @@ def test_a_failed_fetch_publishes_its_error_and_is_never_cached() -> None:
     assert c.get(0) is None and c.fetching(0) is None
 
 
+def test_a_first_touch_is_the_readers_own_only_once_the_sample_is_full() -> None:
+    """While the sample of fetched bytes fills (what recognises the disk on reconnect),
+    every first touch is a fetch that records it; afterwards the first reader of an
+    untouched block that no one is fetching reads by itself, and touches it."""
+    c = cache(capacity=64 * CB)
+    for b in range(SAMPLE_MAX):
+        assert not c.first_touch(100 + b)  # (the sample is not full: a fetch, sampled)
+        fetch(c, 100 + b, b"s" * 512)
+    assert len(c.sample()) == SAMPLE_MAX
+    f = c.start_fetch(1, 0, CB)
+    assert not c.first_touch(1)  # someone is fetching it: join that
+    misses = c.misses
+    assert c.first_touch(0) and c.misses == misses + 1
+    assert not c.first_touch(0)  # touched now: its next reader fetches it whole
+    again, started = c.lookup(0, CB, 0, 512, 512)
+    assert started and isinstance(again, Fetch) and (again.lo, again.hi) == (0, CB)
+    c.end_fetch(1, f, b"1" * CB)
+
+
 def test_a_block_is_cached_on_its_second_touch_not_its_first() -> None:
     c = cache()
     fetch(c, 0, b"p" * 512, lo=1024)  # the first touch: its sectors, for its readers alone
