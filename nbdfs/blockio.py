@@ -320,11 +320,9 @@ class ExportIO:
         in this task for this reader alone (what a :class:`Fetch` of them would bring is a
         piece, which the cache never keeps; a reader at random rarely has company to share
         it with). Costs ~6 us less than a fetch per cold 4 KiB read."""
-        start, end = b0 + s_lo, b0 + s_hi
-        end += -end % self.minimum
-        if end > self.size:
-            raise ReadFailed(UNALIGNED_SIZE)
-        data = await self.pool.run(lambda c: c.read(start, end - start))
+        start = b0 + s_lo
+        size = self._aligned_end(b0 + s_hi) - start
+        data = await self.pool.run(lambda c: c.read(start, size))
         self.bytes_read += len(data)
         return memoryview(data)[lo - s_lo : hi - s_lo]
 
@@ -404,13 +402,10 @@ class ExportIO:
         cb = self.cache.block_size
         start = run[0][0] * cb + run[0][1].lo
         end = min(run[-1][0] * cb + run[-1][1].hi, self.size)
-        aligned_end = end + (-end % self.minimum)
         data: bytes | bytearray | None = None
         error: Exception | None = None
         try:
-            if aligned_end > self.size:
-                raise ReadFailed(UNALIGNED_SIZE)
-            size = aligned_end - start
+            size = self._aligned_end(end) - start
             if len(run) == 1:
                 data = await self.pool.run(lambda c: c.read(start, size))
             else:
@@ -445,6 +440,14 @@ class ExportIO:
             self.cache.end_fetch(
                 b, fetch, self._entry(b, fetch, view[lo : lo + fetch.hi - fetch.lo])
             )
+
+    def _aligned_end(self, end: int) -> int:
+        """Where a read of bytes up to ``end`` (inside the export) ends on the wire: at the
+        next multiple of the minimum block; ReadFailed if that is past the export's end."""
+        aligned = end + (-end % self.minimum)
+        if aligned > self.size:
+            raise ReadFailed(UNALIGNED_SIZE)
+        return aligned
 
     def _entry(self, b: int, fetch: Fetch, data: Block) -> Entry:
         """What a fetch brought: the block, or a piece of it (for its readers alone)."""
