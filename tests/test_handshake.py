@@ -6,7 +6,8 @@ import pytest
 
 from nbdfs import wire
 from nbdfs.errors import ExportNotFound, OptionError, ProtocolError, TlsError
-from nbdfs.handshake import BlockSize, Handshake, TlsMode
+from nbdfs.handshake import Handshake
+from nbdfs.session import BlockSize, TlsMode
 from nbdfs.wire import Opt, Rep
 
 from .wirebuild import (

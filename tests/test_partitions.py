@@ -295,10 +295,10 @@ def test_partition_files_on_a_real_mount(tmp_path: Path, script: str) -> None:
             assert (fs / "hello.txt").read_text() == "hello from a partition\n"
         finally:
             subprocess.run(["fusermount3", "-u", str(fs)], check=False)
-        info = subprocess.run(
+        qemu_info = subprocess.run(
             ["qemu-img", "info", "--output=json", str(mnt / "disk")],
             capture_output=True,
             text=True,
             check=True,
         )
-        assert json.loads(info.stdout)["virtual-size"] == SIZE
+        assert json.loads(qemu_info.stdout)["virtual-size"] == SIZE

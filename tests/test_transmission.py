@@ -72,7 +72,7 @@ def test_simple_read_reply(mode: str) -> None:
     cookie, header = t.request(Cmd.READ, 512, 4)
     assert wire.REQUEST.unpack(header) == (wire.REQUEST_MAGIC, 0, Cmd.READ, cookie, 512, 4)
     (reply,) = feed_all(t, simple(cookie, 0, b"abcd"), mode)
-    assert reply.data == b"abcd" and reply.error == 0
+    assert reply.data == bytearray(b"abcd") and reply.error == 0
     assert t.in_flight == 0
 
 
@@ -85,7 +85,7 @@ def test_structured_read_in_chunks_out_of_order_with_hole(mode: str) -> None:
     data += chunk(cookie, ReplyType.OFFSET_DATA, wire.U64.pack(1000) + b"abc")
     data += chunk(cookie, ReplyType.NONE, done=True)
     (reply,) = feed_all(t, data, mode)
-    assert reply.data == b"abc\0\0\0WXYZ"
+    assert reply.data == bytearray(b"abc\0\0\0WXYZ")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -100,7 +100,7 @@ def test_a_read_buffer_is_made_when_prepared_or_when_the_reply_needs_it(mode: st
     data += chunk(prepared, ReplyType.OFFSET_DATA, wire.U64.pack(0) + b"abcd", done=True)
     first, second = feed_all(t, data, mode)
     assert (first.cookie, first.data) == (holes, bytearray(6))
-    assert (second.cookie, second.data) == (prepared, b"abcd")
+    assert (second.cookie, second.data) == (prepared, bytearray(b"abcd"))
     t.prepare(prepared)  # (after its reply: nothing to do)
     write, _ = t.request(Cmd.WRITE, 0, 2, data=b"hi")
     t.prepare(write)  # (not a read: nothing to make)

@@ -48,7 +48,7 @@ class SpliceClient(MinimalClient):
             left = length - 8
             while left:
                 try:
-                    moved = os.splice(self.fd, int(pipe), left, flags=MOVE)  # type: ignore[call-overload]
+                    moved = os.splice(self.fd, int(pipe), left, flags=MOVE)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self.fd)
                     continue
