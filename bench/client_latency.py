@@ -2,7 +2,7 @@
 """The NBD client alone, without FUSE: reads per second through one nbdfs Connection.
 
     .venv/bin/python bench/client_latency.py nbd://127.0.0.1:10809 [--size 4096,32768]
-        [--depth 1,16] [--count 5000] [--minimal]
+        [--depth 1,16] [--count 5000] [--minimal | --through connection|pool|io]
 
 Random reads of each size, ``depth`` at a time, against a running server (e.g.
 ``nbdkit memory 1G``), with the CPU time per read. Separates the client's cost from the
@@ -12,6 +12,14 @@ FUSE path's when a mount is slower than expected.
 handshake by nbdfs, then one socket, ``os.write`` of each request's header, one reader
 task parsing structured reply chunks with ``struct`` and ``readv``, no checks): the floor of the
 network half of a cold read, which bench/compare.py reports beside the no-op pyfuse3 one.
+
+``--through pool`` or ``--through io``: the reads go through nbdfs's layers above the
+Connection, as a mounted export's do, still without FUSE: ``ExportPool.run`` (choosing
+the connection, retry on a lost one, stats), or ``ExportIO.read`` with the mount's default
+256 MiB block cache, cold (then a random reader's first touch of a block reads its
+sectors, the second fetches the block whole: fresh memory while the cache fills). Run
+beside the default and ``--minimal`` on the same server, the differences are each layer's
+CPU per read.
 """
 
 from __future__ import annotations
@@ -26,8 +34,12 @@ import time
 
 import trio
 
+from nbdfs.blockio import ExportIO
+from nbdfs.cache import BlockStore
 from nbdfs.connection import Connection, _handshake
+from nbdfs.fs import DEFAULT_CACHE_SIZE
 from nbdfs.mount import tune_malloc
+from nbdfs.pool import ExportPool
 from nbdfs.session import TlsMode
 from nbdfs.target import Target, parse_target
 from nbdfs.tls import TlsConfig
@@ -189,23 +201,39 @@ async def minimal(uri: str, size: int, depth: int, count: int) -> tuple[float, f
     return elapsed, cpu
 
 
-async def measure(uri: str, size: int, depth: int, count: int) -> tuple[float, float]:
-    """Seconds and CPU seconds for ``count`` reads through nbdfs's Connection."""
+async def _itself(conn: Connection) -> Connection:
+    return conn
+
+
+async def measure(
+    uri: str, size: int, depth: int, count: int, through: str = "connection"
+) -> tuple[float, float]:
+    """Seconds and CPU seconds for ``count`` reads through nbdfs's Connection, or through
+    the layers above it (``through``: "pool", "io")."""
     target = parse_target(uri)
     async with trio.open_nursery() as nursery:
-        conn = await Connection.open(target, target.export or "", tls_of(target), nursery)
-        blocks = (conn.export.size or 0) // size
+        pool = ExportPool(target, target.export or "", tls_of(target), nursery)
+        io = await ExportIO.open(pool, BlockStore(DEFAULT_CACHE_SIZE))
+        conn = await pool.run(_itself)  # (the pool's one connection)
+        blocks = io.size // size
+
+        async def read(offset: int) -> object:
+            if through == "io":
+                return await io.read(offset, size)
+            if through == "pool":
+                return await pool.run(lambda c: c.read(offset, size))
+            return await conn.read(offset, size)
 
         async def worker() -> None:
             for _ in range(count // depth):
-                await conn.read(random.randrange(blocks) * size, size)
+                await read(random.randrange(blocks) * size)
 
         start, cpu = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as workers:
             for _ in range(depth):
                 workers.start_soon(worker)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        await conn.aclose()
+        await pool.aclose()
         nursery.cancel_scope.cancel()
     return elapsed, cpu
 
@@ -222,13 +250,20 @@ def main() -> None:
     ap.add_argument("--depth", default="1,16", help="reads in flight, comma-separated")
     ap.add_argument("--count", type=int, default=5000, help="reads per figure")
     ap.add_argument("--minimal", action="store_true", help="the minimal client (the floor)")
+    ap.add_argument(
+        "--through",
+        choices=["connection", "pool", "io"],
+        default="connection",
+        help="nbdfs's layer the reads enter (default: the Connection itself)",
+    )
     args = ap.parse_args()
     tune_malloc()  # as the daemon does
     for size in map(int, args.size.split(",")):
         for depth in map(int, args.depth.split(",")):
-            elapsed, cpu = trio.run(
-                minimal if args.minimal else measure, args.uri, size, depth, args.count
-            )
+            if args.minimal:
+                elapsed, cpu = trio.run(minimal, args.uri, size, depth, args.count)
+            else:
+                elapsed, cpu = trio.run(measure, args.uri, size, depth, args.count, args.through)
             print(
                 f"size {size:>8} depth {depth:>3}: {args.count / elapsed:8.0f} reads/s,"
                 f" {elapsed / args.count * depth * 1e6:6.0f} us each,"
