@@ -3,6 +3,7 @@
 
     sudo .venv/bin/python bench/ab.py BASE [NEW] [--rounds 6] [--runtime 5] [--only TEXT]
                                       [--delay MS] [--tls] [--base-pyfuse3 DIR]
+                                      [--nbdfs-option=OPT ...]
 
 BASE and NEW are git revisions (NEW defaults to the work tree as it is, uncommitted
 changes included). Each is unpacked into a directory of its own and run with this venv's
@@ -89,6 +90,9 @@ def main() -> None:
     ap.add_argument(
         "--base-pyfuse3", type=Path, metavar="DIR", help="BASE runs the pyfuse3 package in DIR"
     )
+    ap.add_argument(
+        "--nbdfs-option", action="append", default=[], help="extra mount option, both builds"
+    )
     args = ap.parse_args()
     size = parse_size(args.size)
     names = {"A": args.base, "B": args.new or "work tree"}
@@ -108,7 +112,7 @@ def main() -> None:
         for m in ("ma", "mb"):
             (work / m).mkdir()
         pki = make_pki(work) if args.tls else None
-        extra = ["--tls-certificates", str(pki)] if pki else []
+        extra = list(args.nbdfs_option) + (["--tls-certificates", str(pki)] if pki else [])
         with server(size, work, delay_ms=args.delay, tls=pki) as uri:
             for r in range(args.rounds):
                 for name, unit, measure, prepare, moved in rows(size, args.runtime, rnd):
