@@ -35,13 +35,23 @@ def pattern(offset: int, length: int) -> bytes:
 async def _with_io(address: str, cache: int, body: Callable[[ExportIO], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
         pool = ExportPool(parse_target(address), "", TlsConfig(), nursery)
-        io = await ExportIO.open(pool, BlockStore(cache))
-        await body(io)
-        await pool.aclose()
+        try:
+            await body(await ExportIO.open(pool, BlockStore(cache)))
+        finally:  # (a failed check must not leave its connections to the next test)
+            with trio.CancelScope(shield=True):
+                await pool.aclose()
         nursery.cancel_scope.cancel()
 
 
-def test_reads_return_the_exports_bytes_however_they_meet_the_cache() -> None:
+@pytest.mark.parametrize(
+    ("cache", "maximum"), [(4 * MiB, None), (0, None), (4 * MiB, 65536), (0, 65536)]
+)
+def test_reads_return_the_exports_bytes_however_they_meet_the_cache(
+    cache: int, maximum: int | None
+) -> None:
+    """Through the cache or without it (``--cache-size 0``), in one request or in several
+    when a read is longer than the server's maximum payload."""
+
     async def body(io: ExportIO) -> None:
         for off in range(0, 8 * MiB, MiB):  # sequential: read-ahead, views of its runs
             assert bytes(await io.read(off, MiB)) == pattern(off, MiB)
@@ -51,8 +61,10 @@ def test_reads_return_the_exports_bytes_however_they_meet_the_cache() -> None:
             n = rng.choice([1, 511, 4096, 40000, 300000, MiB + 3])
             assert bytes(await io.read(off, n)) == pattern(off, n), (off, n)
 
-    with nbdkit("pattern", "16M") as srv:
-        trio.run(_with_io, srv.address, 4 * MiB, body)
+    limit = [] if maximum is None else ["--filter=blocksize-policy"]
+    size = [] if maximum is None else [f"blocksize-maximum={maximum}"]
+    with nbdkit(*limit, "pattern", "16M", *size) as srv:
+        trio.run(_with_io, srv.address, cache, body)
 
 
 def test_a_sequential_reader_is_served_by_read_ahead_outside_the_cache() -> None:
