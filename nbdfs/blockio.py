@@ -244,7 +244,13 @@ class ExportIO:
                     length = self._length(first)
                     s_lo, s_hi = sectors(lo, hi, self._sector, length)
                     if (s_lo or s_hi != length) and self.cache.first_touch(first):
-                        return await self._read_piece(first * cb, s_lo, s_hi, lo, hi)
+                        # Its first touch: the sectors holding the bytes, read for this
+                        # reader alone (what a Fetch of them would bring is a piece, which
+                        # the cache never keeps; a reader at random rarely has company).
+                        b0 = first * cb
+                        return await self._read_span(
+                            b0 + s_lo, self._aligned_end(b0 + s_hi), offset, end
+                        )
                     item, started = self.cache.lookup(first, length, lo, hi, self._sector)
                     if started:
                         assert isinstance(item, Fetch)
@@ -314,17 +320,12 @@ class ExportIO:
                 self._ahead.drop(run)
             run.done.set()
 
-    async def _read_piece(self, b0: int, s_lo: int, s_hi: int, lo: int, hi: int) -> memoryview:
-        """Bytes ``lo`` to ``hi`` of the block at ``b0``, touched the first time
-        (:meth:`BlockCache.first_touch`): the sectors ``s_lo`` to ``s_hi`` holding them, read
-        in this task for this reader alone (what a :class:`Fetch` of them would bring is a
-        piece, which the cache never keeps; a reader at random rarely has company to share
-        it with). Costs ~6 us less than a fetch per cold 4 KiB read."""
-        start = b0 + s_lo
-        size = self._aligned_end(b0 + s_hi) - start
-        data = await self.pool.run(lambda c: c.read(start, size))
+    async def _read_span(self, a0: int, a1: int, offset: int, end: int) -> memoryview:
+        """Bytes ``offset`` to ``end`` of the span ``a0`` to ``a1`` around them, read in one
+        request in this task; the buffer it was received into is passed on as a view."""
+        data = await self.pool.run(lambda c: c.read(a0, a1 - a0))
         self.bytes_read += len(data)
-        return memoryview(data)[lo - s_lo : hi - s_lo]
+        return memoryview(data)[offset - a0 : end - a0]
 
     async def _settle(self, b: int, item: Entry | Fetch, lo: int, hi: int) -> Entry:
         """The entry holding bytes ``lo`` to ``hi`` of block ``b``: ``item`` if it is one,
@@ -463,15 +464,12 @@ class ExportIO:
         side by side, from and to a multiple of the minimum block."""
         a0 = offset - offset % self.minimum
         a1 = min(end + (-end % self.minimum), self.size)
-        if a1 - a0 <= self.maximum:  # (the usual: one request, its buffer passed on as it is)
-            data = await self.pool.run(lambda c: c.read(a0, a1 - a0))
-            self.bytes_read += len(data)
-            return memoryview(data)[offset - a0 : end - a0]
-        pieces: dict[int, bytes | bytearray] = {}
+        if a1 - a0 <= self.maximum:  # (the usual: one request)
+            return await self._read_span(a0, a1, offset, end)
+        pieces: dict[int, memoryview] = {}
 
         async def one(start: int, length: int) -> None:
-            pieces[start] = await self.pool.run(lambda c: c.read(start, length))
-            self.bytes_read += length
+            pieces[start] = await self._read_span(start, start + length, start, start + length)
 
         await _concurrently(
             *((one, (s, min(self.maximum, a1 - s))) for s in range(a0, a1, self.maximum))
